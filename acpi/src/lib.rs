@@ -1,0 +1,1 @@
+//! ACPI table assembly (RSDP/XSDT/FADT/MADT/DSDT/SSDT/NFIT) for dmhost.

@@ -1,0 +1,1 @@
+//! dmhost: a plugin-based VM device-model host.

@@ -1,0 +1,49 @@
+//! The stable plugin ABI of dmhost.
+//!
+//! A plugin library depends on this crate only. It implements [`Plugin`]
+//! and [`DeviceModel`] (plain Rust traits with defaults) and exports them
+//! with [`export_plugin!`]; the host loads the library with abi_stable,
+//! which checks the layout of every type here before any call is made.
+//!
+//! # Versioning
+//!
+//! This crate's version is the ABI version. abi_stable refuses a plugin
+//! built against another major version. Within a major version the ABI is
+//! append-only: [`PluginModule`] is a prefix type and the [`Device`] and
+//! [`HostServices`] traits are sabi traits, so fields and methods may only be
+//! added after the current last ones (and the `last_prefix_field` marker
+//! stays where it is at 1.0). Existing types never change layout; a change
+//! that needs that is a new major version.
+
+// abi_stable's derive and sabi_trait macros generate these patterns.
+#![allow(non_local_definitions, non_camel_case_types)]
+
+pub mod backend;
+mod device;
+mod error;
+pub mod export;
+mod logging;
+mod module;
+mod services;
+mod types;
+
+pub use abi_stable;
+pub use abi_stable::std_types::{RResult, RSlice, RSliceMut, RStr, RString, RVec};
+pub use device::{Device, DeviceBox, DeviceModel, Device_TO};
+pub use error::{ErrorKind, PluginError, PluginResult};
+pub use export::{wrap, Plugin};
+pub use module::{PluginModule, PluginModule_Ref};
+pub use services::{
+    Host, HostServices, HostServices_TO, IoSpace, LogSink, LogSinkBox, LogSink_TO,
+};
+pub use types::{
+    DeviceKind, DsmReply, DsmRequest, GuestRegion, LogLevel, MemoryRegion, PendingSize,
+    PlugInfo, SaveChunk,
+};
+
+/// Parse a plugin's JSON config into `T`, mapping errors to `InvalidConfig`
+/// with the kind name and serde's position-bearing message.
+pub fn parse_config<T: serde::de::DeserializeOwned>(kind: &str, config: &str) -> Result<T, PluginError> {
+    let text = if config.trim().is_empty() { "{}" } else { config };
+    serde_json::from_str(text).map_err(|e| PluginError::config(format!("{kind} config: {e}")))
+}

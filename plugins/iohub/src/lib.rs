@@ -1,0 +1,1 @@
+//! iohub plugin (see its issue).

@@ -1,0 +1,1 @@
+//! nvdimm plugin (see its issue).

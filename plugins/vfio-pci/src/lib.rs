@@ -1,0 +1,1 @@
+//! vfio-pci plugin (see its issue).

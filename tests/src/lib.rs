@@ -1,0 +1,1 @@
+//! The plugin ABI conformance suite.
