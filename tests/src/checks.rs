@@ -282,7 +282,7 @@ fn untrusted_input(module: PluginModule_Ref, kind: &str, config: &str) -> Check 
     };
     for i in 0..2000 {
         let len = [1usize, 2, 4, 8][rng.below(4) as usize];
-        let addr = if rng.below(2) == 0 { SUITE_REGION_GPA + rng.below(1 << 16) } else { rng.next() };
+        let addr = if rng.below(2) == 0 { SUITE_REGION_GPA + rng.below(1 << 16) } else { rng.next_u64() };
         let mut buf = vec![0u8; len];
         let data = rng.bytes(len);
         let r = match i % 7 {
