@@ -135,7 +135,11 @@ fn classify(path: &Path, e: LibraryError) -> LoadError {
             LoadError::IncompatibleVersion { path, reason: e.to_string() }
         }
         LibraryError::AbiInstability(e) => {
-            LoadError::AbiMismatch { path, summary: summarize(&e.to_string()) }
+            {
+            let report = e.to_string();
+            log::debug!("{}: full abi_stable layout report:\n{report}", path.display());
+            LoadError::AbiMismatch { path, summary: summarize(&report) }
+        }
         }
         LibraryError::InvalidAbiHeader(h) => {
             LoadError::AbiMismatch { path, summary: format!("abi_stable header {h:?}") }
@@ -147,22 +151,36 @@ fn classify(path: &Path, e: LibraryError) -> LoadError {
     }
 }
 
-/// abi_stable's layout report runs to pages; keep the lines that name what
-/// differs so the error stays one line.
+/// abi_stable's layout report runs to thousands of lines; keep each
+/// "Error:" with its expected/found values and the type it is about, so the
+/// error stays one line. (The whole report is logged at debug level.)
 fn summarize(report: &str) -> String {
-    let lines: Vec<&str> = report
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .filter(|l| {
-            let l = l.to_ascii_lowercase();
-            l.contains("expected") || l.contains("found") || l.contains("mismatch")
-                || l.contains("error")
-        })
-        .take(4)
-        .collect();
-    let s = if lines.is_empty() { report.lines().next().unwrap_or("").to_string() } else { lines.join("; ") };
-    s.chars().take(400).collect()
+    let lines: Vec<&str> = report.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let mut ty = "";
+    let mut after_expected = false;
+    let mut found = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if *line == "Layout of expected type:" {
+            after_expected = true;
+        } else if after_expected && line.starts_with("type:") {
+            ty = &line[5..];
+            after_expected = false;
+        } else if let Some(what) = line.strip_prefix("Error:") {
+            let value = |label: &str| {
+                lines[i + 1..].iter().position(|l| *l == label).and_then(|j| lines.get(i + 2 + j)).copied()
+            };
+            found.push(format!(
+                "{ty}: {what} (expected {}, found {})",
+                value("Expected:").unwrap_or("?"),
+                value("Found:").unwrap_or("?")
+            ));
+        }
+    }
+    if found.is_empty() {
+        return lines.first().copied().unwrap_or("layout check failed").chars().take(300).collect();
+    }
+    found.dedup();
+    found.join("; ")
 }
 
 fn max_level() -> LogLevel {
