@@ -7,3 +7,4 @@
 pub mod cli;
 pub mod elf;
 pub mod loader;
+pub mod uffd;
