@@ -1,6 +1,14 @@
 //! dmhost: a plugin-based VM device-model host.
+//!
+//! The host owns the VM, guest memory, the address space, ACPI assembly and
+//! migration; every device is a plugin library loaded through
+//! [`dmhost_plugin_api`].
 
+pub mod cli;
 pub mod devices;
+pub mod elf;
 pub mod guest;
+pub mod loader;
 pub mod services;
+pub mod uffd;
 pub mod vm;

@@ -1,1 +1,20 @@
-fn main() {}
+//! The `dmhost` command line.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use dmhost::cli::{self, Cli};
+
+fn main() -> ExitCode {
+    let args = Cli::parse();
+    cli::init_logging(args.verbose);
+    match cli::run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            log::error!("{e:#}");
+            eprintln!("dmhost: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -171,7 +171,7 @@ impl Drop for MemoryBackend {
 }
 
 fn check_size(size: u64) -> io::Result<()> {
-    if size == 0 || size % PAGE_SIZE != 0 {
+    if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
         return Err(invalid(format!("size {size} is not a non-zero multiple of {PAGE_SIZE}")));
     }
     Ok(())

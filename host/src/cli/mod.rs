@@ -1,0 +1,48 @@
+//! Command-line parsing and dispatch; each subcommand lives in its own module.
+
+mod plugins;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+/// A plugin-based virtual-machine device-model host.
+#[derive(Debug, Parser)]
+#[command(name = "dmhost", version, about)]
+pub struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Extra plugin directories (also DMHOST_PLUGIN_PATH, `:`-separated).
+    #[arg(long = "plugin-dir", global = true)]
+    pub plugin_dirs: Vec<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Inspect and check plugin libraries.
+    #[command(subcommand)]
+    Plugins(plugins::PluginsCommand),
+}
+
+/// Errors a subcommand reports before exiting non-zero.
+pub type CliResult = Result<ExitCode, Box<dyn std::error::Error>>;
+
+pub fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let env = env_logger::Env::default().default_filter_or(level);
+    let _ = env_logger::Builder::from_env(env).format_timestamp_millis().try_init();
+}
+
+pub fn run(cli: Cli) -> CliResult {
+    match cli.command {
+        Command::Plugins(cmd) => plugins::run(cmd, &cli.plugin_dirs, cli.verbose),
+    }
+}
