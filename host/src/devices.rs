@@ -140,3 +140,14 @@ pub type DeviceRef = Arc<HostDevice>;
 pub(crate) fn as_bus_device(d: &DeviceRef) -> Arc<dyn BusDevice> {
     Arc::clone(d) as Arc<dyn BusDevice>
 }
+
+/// Creates devices by kind (the plugin registry, or a test's own factory).
+pub trait DeviceFactory: Send + Sync {
+    fn create(
+        &self,
+        kind: &str,
+        id: &str,
+        config: &str,
+        host: dmhost_plugin_api::Host,
+    ) -> Result<DeviceImpl, PluginError>;
+}

@@ -5,10 +5,13 @@
 //! [`dmhost_plugin_api`].
 
 pub mod cli;
+pub mod config;
+pub mod control;
 pub mod devices;
 pub mod elf;
 pub mod guest;
 pub mod loader;
+pub mod run;
 pub mod services;
 pub mod uffd;
 pub mod vm;

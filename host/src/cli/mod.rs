@@ -25,6 +25,8 @@ pub enum Command {
     /// Inspect and check plugin libraries.
     #[command(subcommand)]
     Plugins(plugins::PluginsCommand),
+    /// Run a VM from a configuration file; exits with the guest's exit code.
+    Run(crate::run::RunArgs),
 }
 
 /// Errors a subcommand reports before exiting non-zero.
@@ -44,5 +46,6 @@ pub fn init_logging(verbose: u8) {
 pub fn run(cli: Cli) -> CliResult {
     match cli.command {
         Command::Plugins(cmd) => plugins::run(cmd, &cli.plugin_dirs, cli.verbose),
+        Command::Run(args) => crate::run::run(args, &cli.plugin_dirs),
     }
 }

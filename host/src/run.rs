@@ -1,0 +1,144 @@
+//! `dmhost run CONFIG`: build the VM from a config file, plug its devices
+//! (found by the plugin loader), load the guest program, print the guest's
+//! serial output and exit with the guest's exit code.
+
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    sync::Arc,
+    time::Duration,
+};
+
+use clap::Args;
+
+use crate::{
+    cli::CliResult,
+    config::{ConfigError, VmFileConfig},
+    control::{register_vm_commands, CommandRegistry, ControlError, ControlServer},
+    devices::DeviceFactory,
+    guest::{GuestError, GuestProgram},
+    loader::{plugin_dirs, PluginRegistry},
+    vm::{
+        vcpu::{stdout_serial, VmExit},
+        Vm, VmConfig, VmError,
+    },
+};
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The VM configuration (TOML).
+    pub config: PathBuf,
+    /// Serve the control socket (JSON lines, QMP commands) at this path.
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// Stop the VM (exit status 124) if it is still running after this many seconds.
+    #[arg(long)]
+    pub timeout: Option<f64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("/dev/kvm is not available ({0}); dmhost run needs KVM")]
+    NoKvm(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Program(#[from] GuestError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("{0}")]
+    Vm(String),
+    #[error("the guest failed: {0}")]
+    GuestFailed(String),
+}
+
+/// One line: the error and its sources.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        src = c.source();
+    }
+    s
+}
+
+impl From<VmError> for RunError {
+    fn from(e: VmError) -> Self {
+        RunError::Vm(chain(&e))
+    }
+}
+
+/// Whether KVM can be used here; `Err` says why not.
+pub fn kvm_available() -> Result<(), String> {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+pub fn run(args: RunArgs, extra_dirs: &[PathBuf]) -> CliResult {
+    match run_vm(&args, extra_dirs) {
+        Ok(code) => Ok(code),
+        Err(e) => Err(chain(&e).into()),
+    }
+}
+
+fn run_vm(args: &RunArgs, extra_dirs: &[PathBuf]) -> Result<ExitCode, RunError> {
+    let config = VmFileConfig::load(&args.config)?;
+    kvm_available().map_err(RunError::NoKvm)?;
+    let program = GuestProgram::from_spec(&config.program, Some(&config.base_dir))?;
+
+    let mut dirs: Vec<PathBuf> = extra_dirs.to_vec();
+    dirs.extend(config.plugin_dirs.iter().cloned());
+    let (registry, errors) = PluginRegistry::discover(&plugin_dirs(&dirs));
+    for e in errors {
+        log::warn!("{e}");
+    }
+    let registry: Arc<PluginRegistry> = Arc::new(registry);
+
+    let vm = Arc::new(Vm::new(VmConfig { ram_size: config.ram_size, vcpus: config.vcpus, serial: stdout_serial() })?);
+    for d in &config.devices {
+        vm.add_device(&d.kind, &d.id, |host| DeviceFactory::create(&*registry, &d.kind, &d.id, &d.config, host))?;
+    }
+    vm.load_program(&program, &config.regs)?;
+
+    let commands = Arc::new(CommandRegistry::new());
+    register_vm_commands(&commands, Arc::clone(&vm), Arc::clone(&registry) as Arc<dyn DeviceFactory>);
+    let _server = match &args.control {
+        Some(path) => Some(ControlServer::start(path, Arc::clone(&commands))?),
+        None => None,
+    };
+
+    vm.start()?;
+    let exit = match args.timeout {
+        Some(secs) if secs.is_finite() && secs > 0.0 => {
+            match vm.control().wait_timeout(Duration::from_secs_f64(secs.min(1e9))) {
+                Some(e) => e,
+                None => {
+                    vm.stop(VmExit::Failed(format!("timed out after {secs} s")));
+                    vm.wait();
+                    return Ok(ExitCode::from(124));
+                }
+            }
+        }
+        _ => vm.control().wait(),
+    };
+    let exit = match exit {
+        VmExit::Failed(_) => exit,
+        _ => vm.wait(),
+    };
+    log::info!("vm stopped: {exit:?} after {} exits", vm.exit_count());
+    match exit {
+        VmExit::Guest(code) => Ok(ExitCode::from(u8::try_from(code).unwrap_or(255))),
+        VmExit::Requested => Ok(ExitCode::SUCCESS),
+        VmExit::Failed(msg) => {
+            vm.wait();
+            Err(RunError::GuestFailed(msg))
+        }
+    }
+}
