@@ -13,5 +13,6 @@ pub mod guest;
 pub mod loader;
 pub mod run;
 pub mod services;
+pub mod testing;
 pub mod uffd;
 pub mod vm;
