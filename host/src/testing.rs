@@ -11,9 +11,9 @@ pub fn kvm_or_skip(test: &str) -> bool {
         Ok(()) => true,
         Err(why) => {
             if std::env::var(REQUIRE_KVM_ENV).is_ok_and(|v| v == "1") {
-                panic!("{test}: /dev/kvm is not usable ({why}) and {REQUIRE_KVM_ENV}=1");
+                panic!("{test}: {why} and {REQUIRE_KVM_ENV}=1");
             }
-            eprintln!("\n*** SKIPPED {test}: /dev/kvm is not usable ({why}) ***\n");
+            eprintln!("\n*** SKIPPED {test}: {why} ***\n");
             false
         }
     }
