@@ -1,1 +1,122 @@
-fn main() {}
+//! MMIO exit bench: a guest loop of N MMIO writes to a testdev register,
+//! (a) with testdev loaded from its shared library through the plugin ABI,
+//! (b) with the same device model linked into this binary (the testdev
+//! rlib) and called directly, (c) to an address nobody claims. Runs are
+//! interleaved in one process; prints exits/s of each and the ratio a/b.
+//!
+//! `cargo bench -p dmhost --bench mmio` (N from DMHOST_BENCH_N, rounds
+//! from DMHOST_BENCH_ROUNDS).
+
+use std::time::Instant;
+
+use dmhost::{
+    devices::DeviceImpl,
+    guest::{asm::*, RegPreset},
+    loader::PluginRegistry,
+    testing::kvm_or_skip,
+    vm::{vcpu::VmExit, Vm, VmConfig},
+};
+use dmhost_plugin_api::Plugin;
+
+const MMIO: u64 = 0xd000_0000;
+const RESULT: u64 = 0x30_0000;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Path {
+    Plugin,
+    Builtin,
+    Unclaimed,
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn plugin_lib() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    for dir in [deps.parent().unwrap(), deps] {
+        let p = dir.join("libtestdev.so");
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("libtestdev.so not found next to {}: build the workspace first", exe.display());
+}
+
+/// One run: returns exits per second.
+fn run(path: Path, n: u64, registry: &PluginRegistry) -> f64 {
+    let vm = Vm::new(VmConfig { ram_size: 8 << 20, vcpus: 1, serial: std::sync::Arc::new(|_: &[u8]| {}) }).unwrap();
+    let config = format!(r#"{{"mmio-base":{MMIO}}}"#);
+    match path {
+        Path::Plugin => {
+            vm.add_device("testdev", "t", |h| {
+                registry.create("testdev", "t", &config, h).map(DeviceImpl::Plugin).map_err(|e| {
+                    dmhost_plugin_api::PluginError::unsupported(e)
+                })
+            })
+            .unwrap();
+        }
+        Path::Builtin => {
+            vm.add_device("testdev", "t", |h| {
+                testdev::TestdevPlugin::create("testdev", "t", &config, h).map(DeviceImpl::Builtin)
+            })
+            .unwrap();
+        }
+        Path::Unclaimed => {}
+    }
+    let prog = program("bench", |a| {
+        let mut l = a.create_label();
+        a.mov(rbx, MMIO)?;
+        a.mov(rcx, n)?;
+        a.set_label(&mut l)?;
+        a.mov(dword_ptr(rbx + testdev::regs::SCRATCH as i32), ecx)?;
+        a.dec(rcx)?;
+        a.jnz(l)?;
+        a.mov(rax, qword_ptr(rbx + testdev::regs::COUNTER as i32))?;
+        a.mov(qword_ptr(RESULT), rax)?;
+        exit_with(a, 0)
+    })
+    .unwrap();
+    vm.load_program(&prog, &RegPreset::default()).unwrap();
+    let t = Instant::now();
+    vm.start().unwrap();
+    assert_eq!(vm.wait(), VmExit::Guest(0));
+    let secs = t.elapsed().as_secs_f64();
+    let counted = vm.ram().read_u64(RESULT).unwrap();
+    match path {
+        Path::Unclaimed => assert_eq!(counted, u64::MAX),
+        _ => assert_eq!(counted, n, "the device saw every write"),
+    }
+    n as f64 / secs
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` runs this too: keep it short then.
+    let quick = !std::env::args().any(|a| a == "--bench");
+    if !kvm_or_skip("bench mmio") {
+        return;
+    }
+    let n = env_u64("DMHOST_BENCH_N", if quick { 500 } else { 20_000 });
+    let rounds = env_u64("DMHOST_BENCH_ROUNDS", if quick { 1 } else { 5 });
+    let mut registry = PluginRegistry::default();
+    registry.load(&plugin_lib()).unwrap();
+    let (mut p, mut b, mut u) = (Vec::new(), Vec::new(), Vec::new());
+    run(Path::Builtin, n.min(1000), &registry); // warm up
+    for _ in 0..rounds {
+        p.push(run(Path::Plugin, n, &registry));
+        b.push(run(Path::Builtin, n, &registry));
+        u.push(run(Path::Unclaimed, n, &registry));
+    }
+    let (p, b, u) = (median(p), median(b), median(u));
+    println!("mmio bench: {n} MMIO writes per run, {rounds} rounds (median)");
+    println!("  plugin (.so via ABI):  {p:>10.0} exits/s  {:>6.2} us/exit", 1e6 / p);
+    println!("  built-in (linked):     {b:>10.0} exits/s  {:>6.2} us/exit", 1e6 / b);
+    println!("  unclaimed (no device): {u:>10.0} exits/s  {:>6.2} us/exit", 1e6 / u);
+    println!("  ratio plugin/built-in: {:.4}", p / b);
+}
