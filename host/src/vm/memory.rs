@@ -51,7 +51,7 @@ impl std::fmt::Debug for GuestRam {
 impl GuestRam {
     /// Allocate `size` bytes of zeroed guest RAM at GPA 0.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
-        if size == 0 || size % PAGE_SIZE != 0 || usize::try_from(size).is_err() {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) || usize::try_from(size).is_err() {
             return Err(MemoryError::BadSize(size));
         }
         let file = memfd("dmhost-guest-ram")?;

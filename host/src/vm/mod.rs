@@ -195,7 +195,7 @@ fn valid_id(id: &str) -> bool {
 impl Vm {
     /// Create the VM: KVM with an irqchip, memfd guest RAM in slot 0, vCPUs.
     pub fn new(config: VmConfig) -> Result<Self, VmError> {
-        if !(guest::MIN_RAM..=guest::MAX_RAM).contains(&config.ram_size) || config.ram_size % PAGE_SIZE != 0 {
+        if !(guest::MIN_RAM..=guest::MAX_RAM).contains(&config.ram_size) || !config.ram_size.is_multiple_of(PAGE_SIZE) {
             return Err(VmError::RamSize { got: config.ram_size });
         }
         if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
@@ -572,8 +572,8 @@ impl Vm {
     /// Every device, in plug order.
     pub fn devices(&self) -> Vec<DeviceInfo> {
         let ranges = self.shared.bus.ranges();
-        let list: Vec<(Arc<HostDevice>, Option<(u64, u64)>)> =
-            lock(&self.devices).iter().map(|d| (Arc::clone(&d.device), d.region)).collect();
+        type Listed = (Arc<HostDevice>, Option<(u64, u64)>);
+        let list: Vec<Listed> = lock(&self.devices).iter().map(|d| (Arc::clone(&d.device), d.region)).collect();
         list.into_iter()
             .map(|(d, region)| {
                 let of = |space| {

@@ -144,7 +144,7 @@ pub struct Physmap {
 
 fn check_range(gpa: u64, size: u64) -> Result<u64, PhysmapError> {
     match gpa.checked_add(size) {
-        Some(end) if size > 0 && gpa % PAGE_SIZE == 0 && size % PAGE_SIZE == 0 => Ok(end),
+        Some(end) if size > 0 && gpa.is_multiple_of(PAGE_SIZE) && size.is_multiple_of(PAGE_SIZE) => Ok(end),
         _ => Err(PhysmapError::BadRange { gpa, size }),
     }
 }
@@ -291,7 +291,7 @@ impl Physmap {
         let end = check_range(gpa, size)?;
         self.check_owner(owner, gpa, end)?;
         let backing = *self.backings.get(owner).ok_or(PhysmapError::NoBacking { owner: owner.clone() })?;
-        if offset % PAGE_SIZE != 0 || offset.checked_add(size).is_none_or(|e| e > backing.size) {
+        if !offset.is_multiple_of(PAGE_SIZE) || offset.checked_add(size).is_none_or(|e| e > backing.size) {
             return Err(PhysmapError::OutsideBacking {
                 owner: owner.clone(),
                 offset,

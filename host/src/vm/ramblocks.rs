@@ -51,7 +51,7 @@ fn pages(size: u64) -> usize {
 
 impl RamRegistry {
     pub fn register(&mut self, block: RamBlock) -> Result<(), RamRegistryError> {
-        if block.size == 0 || block.size % PAGE_SIZE != 0 || block.host_addr % PAGE_SIZE != 0 {
+        if block.size == 0 || !block.size.is_multiple_of(PAGE_SIZE) || !block.host_addr.is_multiple_of(PAGE_SIZE) {
             return Err(RamRegistryError::BadBlock { name: block.name });
         }
         if self.blocks.contains_key(&block.name) {
@@ -67,7 +67,7 @@ impl RamRegistry {
         if &e.block.owner != owner {
             return Err(RamRegistryError::NotOwner { name: name.to_owned(), owner: e.block.owner.clone() });
         }
-        Ok(self.blocks.remove(name).map(|e| e.block).ok_or_else(|| RamRegistryError::Unknown(name.to_owned()))?)
+        self.blocks.remove(name).map(|e| e.block).ok_or_else(|| RamRegistryError::Unknown(name.to_owned()))
     }
 
     /// Drop every block of `owner`.

@@ -377,9 +377,7 @@ pub struct XsaveArea(pub kvm_xsave);
 
 impl Clone for XsaveArea {
     fn clone(&self) -> Self {
-        let mut x = kvm_xsave::default();
-        x.region = self.0.region;
-        Self(x)
+        Self(kvm_xsave { region: self.0.region, ..Default::default() })
     }
 }
 
