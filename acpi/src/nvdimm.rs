@@ -42,11 +42,10 @@
 
 use acpi_tables::{
     aml::{
-        Add, Arg, BufferData, Concat, CreateDWordField, CreateField, DeRefOf, Device, Else, Equal,
+        Add, Arg, BufferData, Concat, CreateDWordField, DeRefOf, Device, Else, Equal,
         FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, GreaterThan, If, Index,
         LessThan, Local, Method, MethodCall, Mid, Name, NotEqual, ObjectType, OpRegion,
-        OpRegionSpace, Package, Path, Return, ShiftLeft, SizeOf, Store, Subtract, Uuid, While,
-        ONE, ZERO,
+        OpRegionSpace, Package, Path, Return, SizeOf, Store, Subtract, Uuid, While, ONE, ZERO,
     },
     Aml, AmlSink,
 };
@@ -149,7 +148,9 @@ impl FitBuffer {
 
     /// QEMU `nvdimm_dsm_func_read_fit`.
     fn read(&mut self, arg3: &[u8]) -> DsmReply {
-        let Some(offset) = arg3.get(0..4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        let Some(offset) = arg3
+            .get(0..4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         else {
             return DsmReply::status(DsmReply::INVALID_INPUT);
         };
@@ -241,30 +242,29 @@ pub fn root_device_aml(dsm_page_gpa: u64) -> Vec<u8> {
     let hid = Name::new("_HID".into(), &"ACPI0012");
     let mema = Name::new("MEMA".into(), &dsm_page_gpa);
     let rsta = Name::new("RSTA".into(), &ZERO);
+    let regions = page_regions(dsm_page_gpa);
     let ncal = ncal();
-    let call = MethodCall::new("NCAL".into(), vec![&Arg(0), &Arg(1), &Arg(2), &Arg(3), &ZERO]);
+    let call = MethodCall::new(
+        "NCAL".into(),
+        vec![&Arg(0), &Arg(1), &Arg(2), &Arg(3), &ZERO],
+    );
     let ret = Return::new(&call);
     let dsm = Method::new("_DSM".into(), 4, false, vec![&ret]);
     let rfit = rfit();
     let fit = fit_method();
     let mut out = Vec::new();
-    Device::new("NVDR".into(), vec![&hid, &mema, &rsta, &ncal, &dsm, &rfit, &fit])
-        .to_aml_bytes(&mut out);
+    Device::new(
+        "NVDR".into(),
+        vec![&hid, &mema, &rsta, &regions, &ncal, &dsm, &rfit, &fit],
+    )
+    .to_aml_bytes(&mut out);
     out
 }
 
-/// `Method (NCAL, 5, Serialized)`: QEMU's common DSM method, plus the
-/// reply-length check of step 3 above.
-fn ncal() -> Raw {
-    let p_farg = Path::new("FARG");
-    let p_func = Path::new("FUNC");
-    let p_hdle = Path::new("HDLE");
-    let p_mema = Path::new("MEMA");
-    let p_ntfi = Path::new("NTFI");
-    let p_revs = Path::new("REVS");
-    let p_rlen = Path::new("RLEN");
+/// The doorbell port `NPIO.NTFI` and the DSM page `NRAM`, with its request
+/// (`HDLE`, `REVS`, `FUNC`, `FARG`) and reply (`RLEN`, `ODAT`) views.
+fn page_regions(dsm_page_gpa: u64) -> Raw {
     let page_bits = |bytes: usize| bytes * 8;
-    let load_mema = Store::new(&Local(6), &p_mema);
     let npio = OpRegion::new(
         "NPIO".into(),
         OpRegionSpace::SystemIO,
@@ -272,7 +272,12 @@ fn ncal() -> Raw {
         &DSM_DOORBELL_LEN,
     );
     let page_len = DSM_PAGE_SIZE as u16;
-    let nram = OpRegion::new("NRAM".into(), OpRegionSpace::SystemMemory, &Local(6), &page_len);
+    let nram = OpRegion::new(
+        "NRAM".into(),
+        OpRegionSpace::SystemMemory,
+        &dsm_page_gpa,
+        &page_len,
+    );
     let field = |region: &str, entries: Vec<FieldEntry>| {
         acpi_tables::aml::Field::new(
             region.into(),
@@ -294,12 +299,32 @@ fn ncal() -> Raw {
     );
     let f_out = field(
         "NRAM",
-        vec![FieldEntry::Named(*b"RLEN", 32), FieldEntry::Named(*b"ODAT", page_bits(DSM_PAGE_SIZE - 4))],
+        vec![
+            FieldEntry::Named(*b"RLEN", 32),
+            FieldEntry::Named(*b"ODAT", page_bits(DSM_PAGE_SIZE - 4)),
+        ],
     );
+    raw(&[&npio, &nram, &f_io, &f_in, &f_out])
+}
 
+/// `Method (NCAL, 5, Serialized)`: QEMU's common DSM method, plus the
+/// reply-length check of step 3 above.
+fn ncal() -> Raw {
+    let p_farg = Path::new("FARG");
+    let p_func = Path::new("FUNC");
+    let p_hdle = Path::new("HDLE");
+    let p_mema = Path::new("MEMA");
+    let p_ntfi = Path::new("NTFI");
+    let p_revs = Path::new("REVS");
+    let p_rlen = Path::new("RLEN");
+    let p_odat = Path::new("ODAT");
+    let page_len = DSM_PAGE_SIZE as u16;
     // Local0 = the UUID expected for this handle.
-    let (root_uuid, fit_uuid, dimm_uuid) =
-        (Uuid::new(ROOT_DSM_UUID), Uuid::new(FIT_DSM_UUID), Uuid::new(DIMM_DSM_UUID));
+    let (root_uuid, fit_uuid, dimm_uuid) = (
+        Uuid::new(ROOT_DSM_UUID),
+        Uuid::new(FIT_DSM_UUID),
+        Uuid::new(DIMM_DSM_UUID),
+    );
     let set_root = Store::new(&Local(0), &root_uuid);
     let set_fit = Store::new(&Local(0), &fit_uuid);
     let set_dimm = Store::new(&Local(0), &dimm_uuid);
@@ -311,7 +336,7 @@ fn ncal() -> Raw {
     let else_root = Else::new(vec![&if_fit, &else_dimm]);
 
     let fail = no_reply();
-    let unpatched = Equal::new(&Local(6), &ZERO);
+    let unpatched = Equal::new(&p_mema, &ZERO);
     let if_unpatched = If::new(&unpatched, vec![&fail]);
     let bad_uuid = NotEqual::new(&Arg(0), &Local(0));
     let if_bad_uuid = If::new(&bad_uuid, vec![&fail]);
@@ -334,7 +359,7 @@ fn ncal() -> Raw {
     let if_one = If::new(&one_el, vec![&get_el, &get_val, &set_farg]);
     let if_pkg = If::new(&is_pkg, vec![&if_one]);
 
-    let ring = Store::new(&p_ntfi, &Local(6));
+    let ring = Store::new(&p_ntfi, &p_mema);
 
     // Local1 = RLEN; reject lengths outside 4..=4096.
     let get_len = Store::new(&Local(1), &p_rlen);
@@ -347,11 +372,7 @@ fn ncal() -> Raw {
     let ret_empty = Return::new(&empty);
     let is_empty = Equal::new(&Local(1), &ZERO);
     let if_empty = If::new(&is_empty, vec![&ret_empty]);
-    let bits = ShiftLeft::new(&Local(1), &Local(1), &3u8);
-    let obuf = Path::new("OBUF");
-    let odat = Path::new("ODAT");
-    let create = CreateField::new(&obuf, &odat, &ZERO, &Local(1));
-    let concat = Concat::new(&Local(7), &empty, &obuf);
+    let payload = Mid::new(&p_odat, &ZERO, &Local(1), &Local(7));
     let ret = Return::new(&Local(7));
 
     raw(&[&Method::new(
@@ -359,9 +380,22 @@ fn ncal() -> Raw {
         5,
         true,
         vec![
-            &load_mema, &npio, &nram, &f_io, &f_in, &f_out, &if_root, &else_root, &if_unpatched,
-            &if_bad_uuid, &set_hdle, &set_revs, &set_func, &if_pkg, &ring, &get_len, &if_short,
-            &if_long, &sub, &if_empty, &bits, &create, &concat, &ret,
+            &if_root,
+            &else_root,
+            &if_unpatched,
+            &if_bad_uuid,
+            &set_hdle,
+            &set_revs,
+            &set_func,
+            &if_pkg,
+            &ring,
+            &get_len,
+            &if_short,
+            &if_long,
+            &sub,
+            &if_empty,
+            &payload,
+            &ret,
         ],
     )])
 }
@@ -426,7 +460,13 @@ fn fit_method() -> Raw {
     let append = Concat::new(&Local(2), &Local(2), &Local(0));
     let else_more = Else::new(vec![&if_done, &advance, &append]);
     let body = While::new(&ONE, vec![&get, &get_size, &if_changed, &else_more]);
-    raw(&[&Method::new("_FIT".into(), 0, true, vec![&init_fit, &init_off, &body])])
+    // Unreachable, but iasl wants every path of _FIT to return a Buffer.
+    raw(&[&Method::new(
+        "_FIT".into(),
+        0,
+        true,
+        vec![&init_fit, &init_off, &body, &ret],
+    )])
 }
 
 #[cfg(test)]
@@ -449,17 +489,32 @@ mod tests {
     #[test]
     fn request_parsing() {
         let r = parse_request(&page(1, 1, 5, &[1, 2, 3])).unwrap();
-        assert_eq!((r.handle, r.revision, r.function, r.arg3.len()), (1, 1, 5, 4084));
+        assert_eq!(
+            (r.handle, r.revision, r.function, r.arg3.len()),
+            (1, 1, 5, 4084)
+        );
         assert_eq!(&r.arg3[..4], &[1, 2, 3, 0]);
         assert_eq!(parse_request(&[0; 12]), Err(DsmPageError::Size(12)));
     }
 
     #[test]
     fn reply_encoding() {
-        assert_eq!(encode_reply(0, &DsmReply::ok(vec![0x71, 0, 0, 0])), [8, 0, 0, 0, 0x71, 0, 0, 0]);
-        assert_eq!(encode_reply(0, &DsmReply::status(1)), [8, 0, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(encode_reply(4, &DsmReply::ok(vec![9, 9])), [10, 0, 0, 0, 0, 0, 0, 0, 9, 9]);
-        assert_eq!(encode_reply(5, &DsmReply::status(3)), [8, 0, 0, 0, 3, 0, 0, 0]);
+        assert_eq!(
+            encode_reply(0, &DsmReply::ok(vec![0x71, 0, 0, 0])),
+            [8, 0, 0, 0, 0x71, 0, 0, 0]
+        );
+        assert_eq!(
+            encode_reply(0, &DsmReply::status(1)),
+            [8, 0, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(
+            encode_reply(4, &DsmReply::ok(vec![9, 9])),
+            [10, 0, 0, 0, 0, 0, 0, 0, 9, 9]
+        );
+        assert_eq!(
+            encode_reply(5, &DsmReply::status(3)),
+            [8, 0, 0, 0, 3, 0, 0, 0]
+        );
         let huge = DsmReply::ok(vec![0; 4090]);
         assert_eq!(encode_reply(5, &huge), [8, 0, 0, 0, 1, 0, 0, 0]);
     }
@@ -468,12 +523,30 @@ mod tests {
     fn routing_matches_qemu() {
         let mut fit = FitBuffer::default();
         let serve = |p: &[u8], fit: &mut FitBuffer| serve_page(p, fit, no_dimm).unwrap();
-        assert_eq!(serve(&page(0, 1, 0, &[]), &mut fit), [8, 0, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(serve(&page(0, 1, 3, &[]), &mut fit), [8, 0, 0, 0, 1, 0, 0, 0]);
-        assert_eq!(serve(&page(5, 1, 4, &[]), &mut fit), [8, 0, 0, 0, 2, 0, 0, 0]);
-        assert_eq!(serve(&page(5, 1, 0, &[]), &mut fit), [8, 0, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(serve(&page(5, 2, 4, &[]), &mut fit), [8, 0, 0, 0, 1, 0, 0, 0]);
-        assert_eq!(serve(&page(FIT_HANDLE, 1, 0, &[]), &mut fit), [8, 0, 0, 0, 3, 0, 0, 0]);
+        assert_eq!(
+            serve(&page(0, 1, 0, &[]), &mut fit),
+            [8, 0, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(
+            serve(&page(0, 1, 3, &[]), &mut fit),
+            [8, 0, 0, 0, 1, 0, 0, 0]
+        );
+        assert_eq!(
+            serve(&page(5, 1, 4, &[]), &mut fit),
+            [8, 0, 0, 0, 2, 0, 0, 0]
+        );
+        assert_eq!(
+            serve(&page(5, 1, 0, &[]), &mut fit),
+            [8, 0, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(
+            serve(&page(5, 2, 4, &[]), &mut fit),
+            [8, 0, 0, 0, 1, 0, 0, 0]
+        );
+        assert_eq!(
+            serve(&page(FIT_HANDLE, 1, 0, &[]), &mut fit),
+            [8, 0, 0, 0, 3, 0, 0, 0]
+        );
         let r = serve_page(&page(1, 1, 4, &[]), &mut fit, |req| {
             assert_eq!(req.handle, 1);
             Some(DsmReply::ok(vec![7]))
@@ -491,7 +564,10 @@ mod tests {
             serve_page(&page(FIT_HANDLE, 1, 1, &off.to_le_bytes()), fit, no_dimm).unwrap()
         };
         let first = read(&mut fit, 0);
-        assert_eq!(u32::from_le_bytes(first[0..4].try_into().unwrap()) as usize, 8 + 4088);
+        assert_eq!(
+            u32::from_le_bytes(first[0..4].try_into().unwrap()) as usize,
+            8 + 4088
+        );
         assert_eq!(&first[8..], &structures[..4088]);
         let second = read(&mut fit, 4088);
         assert_eq!(&second[8..], &structures[4088..]);
@@ -515,7 +591,7 @@ mod tests {
                 s ^= s << 17;
                 *b = s as u8;
             }
-            if s % 3 == 0 {
+            if s & 3 == 0 {
                 p[0..4].copy_from_slice(&FIT_HANDLE.to_le_bytes());
                 p[4..8].copy_from_slice(&1u32.to_le_bytes());
             }
