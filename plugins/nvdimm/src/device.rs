@@ -373,3 +373,43 @@ mod tests {
         assert_eq!(other.base(), None);
     }
 }
+
+#[cfg(test)]
+mod abi_tests {
+    use dmhost_plugin_api::{wrap, DsmRequest, ErrorKind, PlugInfo, Plugin};
+
+    use crate::{labels::tests::rw_arg, test_host::RecordingHost, NvdimmPlugin, KIND};
+
+    #[test]
+    fn default_config_creates_a_working_device_through_the_abi() {
+        let kinds = NvdimmPlugin::kinds();
+        assert_eq!(kinds[0].name.as_str(), KIND);
+        let (_, host) = RecordingHost::new();
+        let model =
+            NvdimmPlugin::create(KIND, "nv9", kinds[0].default_config.as_str(), host).unwrap();
+        let mut dev = wrap(model, "nv9");
+        let region = dev.memory_region().unwrap();
+        assert_eq!(region.memory.size, 128 << 20);
+        assert_eq!(dev.backend_memory().unwrap().size, 130 << 20);
+        dev.plug(PlugInfo {
+            region_gpa: Some(1u64 << 32).into(),
+        })
+        .unwrap();
+        assert_eq!(dev.dsm_handles().as_slice(), [1]);
+        let req = DsmRequest {
+            handle: 1,
+            revision: 1,
+            function: 5,
+            arg3: rw_arg(u32::MAX, 9, &[]).into(),
+        };
+        assert_eq!(dev.dsm(&req).unwrap().status, 3);
+        assert_eq!(dev.nfit_structures().unwrap().len(), 184);
+        assert!(!dev.aml().unwrap().is_empty());
+
+        let (_, host) = RecordingHost::new();
+        let e = NvdimmPlugin::create("pc-dimm", "x", "{}", host)
+            .err()
+            .unwrap();
+        assert_eq!(e.kind, ErrorKind::Unsupported);
+    }
+}
