@@ -1,1 +1,3 @@
 //! dmhost: a plugin-based VM device-model host.
+
+pub mod migration;
