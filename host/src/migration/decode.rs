@@ -12,7 +12,11 @@ use super::format::*;
 
 /// Capacity of the reader's buffer. Runs of pages larger than it are read
 /// straight into the destination.
-pub const READ_BUFFER: usize = 1 << 20;
+pub const READ_BUFFER: usize = 64 << 10;
+/// Page data is read and checksummed in pieces of this size (more than
+/// [`READ_BUFFER`], so the reads bypass it; small enough to stay in the
+/// cache between the copy and the checksum).
+const CHUNK: usize = 256 << 10;
 
 /// One page of a RAM batch handed to a [`StreamReader::read_ram_with`] sink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -436,8 +440,12 @@ impl<R: Read> StreamReader<R> {
             index: end.saturating_sub(1),
             len,
         })?;
-        self.fill(dst, "RAM page data")?;
-        Ok(crc32c::crc32c_append(crc, dst))
+        let mut crc = crc;
+        for piece in dst.chunks_mut(CHUNK) {
+            self.fill(piece, "RAM page data")?;
+            crc = crc32c::crc32c_append(crc, piece);
+        }
+        Ok(crc)
     }
 
     fn read_ram_with_inner(

@@ -6,7 +6,11 @@ use super::format::*;
 
 /// Capacity of the writer's buffer. RAM batches larger than it bypass it
 /// (vectored writes straight from guest memory).
-pub const WRITE_BUFFER: usize = 1 << 20;
+pub const WRITE_BUFFER: usize = 64 << 10;
+/// RAM data is checksummed and written in groups of about this many bytes
+/// (more than [`WRITE_BUFFER`], so they bypass it; small enough to stay in
+/// the cache between the checksum and the kernel's copy).
+const CHUNK: usize = 256 << 10;
 
 /// What a RAM write sent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -202,36 +206,31 @@ impl<W: Write> StreamWriter<W> {
             head.extend_from_slice(&e.0.to_le_bytes());
         }
 
-        // Contiguous runs of data pages: one slice each.
-        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(2 + data_pages);
+        // Contiguous runs of data pages, cut into chunks, written in groups
+        // of about CHUNK bytes: each group is checksummed right before it
+        // goes to the kernel, so the kernel copies it from the cache.
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(2 + data_pages.min(CHUNK / PAGE_SIZE));
         slices.push(IoSlice::new(&head));
+        let mut group = head.len();
         let mut crc = crc32c::crc32c(&head[SECTION_HEADER_LEN..]);
-        let mut run: Option<(usize, usize)> = None; // byte start, byte end
-        for e in entries.iter().filter(|e| !e.is_zero()) {
-            let start = e.index() as usize * PAGE_SIZE;
-            run = match run {
-                Some((s, end)) if end == start => Some((s, start + PAGE_SIZE)),
-                Some((s, end)) => {
-                    let r = &mem[s..end];
-                    crc = crc32c::crc32c_append(crc, r);
-                    slices.push(IoSlice::new(r));
-                    Some((start, start + PAGE_SIZE))
-                }
-                None => Some((start, start + PAGE_SIZE)),
-            };
-        }
-        if let Some((s, end)) = run {
+        let mut runs = RunIter { entries: entries.iter(), pending: None };
+        while let Some((s, end)) = runs.next() {
             let r = &mem[s..end];
             crc = crc32c::crc32c_append(crc, r);
             slices.push(IoSlice::new(r));
+            group += r.len();
+            if group >= CHUNK {
+                write_all_vectored(&mut self.out, &mut slices)?;
+                slices.clear();
+                group = 0;
+            }
         }
-        let trailer = crc.to_le_bytes();
-        slices.push(IoSlice::new(&trailer));
-        let total = SECTION_HEADER_LEN + payload_len + SECTION_TRAILER_LEN;
-        let r = write_all_vectored(&mut self.out, &mut slices);
+        write_all_vectored(&mut self.out, &mut slices)?;
         drop(slices);
+        // Buffered: goes out with the next section.
+        self.out.write_all(&crc.to_le_bytes())?;
         self.head = head;
-        r?;
+        let total = SECTION_HEADER_LEN + payload_len + SECTION_TRAILER_LEN;
         self.sections += 1;
         self.bytes += total as u64;
         Ok(RamStats {
@@ -343,6 +342,32 @@ impl<W: Write> StreamWriter<W> {
         self.sections += 1;
         self.bytes += (SECTION_HEADER_LEN + len + SECTION_TRAILER_LEN) as u64;
         Ok(())
+    }
+}
+
+/// Byte ranges of the data pages of a batch: consecutive pages merged, each
+/// range at most [`CHUNK`] bytes.
+struct RunIter<'a> {
+    entries: std::slice::Iter<'a, PageEntry>,
+    pending: Option<(usize, usize)>,
+}
+
+impl Iterator for RunIter<'_> {
+    type Item = (usize, usize);
+    fn next(&mut self) -> Option<(usize, usize)> {
+        for e in self.entries.by_ref().filter(|e| !e.is_zero()) {
+            let start = e.index() as usize * PAGE_SIZE;
+            match self.pending {
+                Some((s, end)) if end == start && end - s < CHUNK => self.pending = Some((s, start + PAGE_SIZE)),
+                prev => {
+                    self.pending = Some((start, start + PAGE_SIZE));
+                    if prev.is_some() {
+                        return prev;
+                    }
+                }
+            }
+        }
+        self.pending.take()
     }
 }
 
