@@ -32,7 +32,8 @@ pub enum BenchError {
     BadSize(usize),
 }
 
-/// Measured rates, MB/s (10^6 bytes per second) of guest RAM moved.
+/// Measured rates, MB/s (10^6 bytes per second) of guest RAM moved; the
+/// socket ones are the best of three runs.
 #[derive(Debug, Clone, Copy)]
 pub struct BenchReport {
     pub bytes: u64,
@@ -203,6 +204,21 @@ fn receive(input: impl Read, dst: &mut [u8]) -> Result<(), StreamError> {
 
 /// Time one transfer over `uri`: `send` on a thread, `recv` here.
 fn over<S, R>(uri: &MigrationUri, src: &[u8], dst: &mut [u8], send: S, recv: R, rounds: u64) -> Result<f64, BenchError>
+where
+    S: Fn(&mut MigrationStream, &[u8], u64) -> io::Result<()> + Sync,
+    R: Fn(&mut MigrationStream, &mut [u8], u64) -> io::Result<()>,
+{
+    // Best of REPS: the machine is shared, and the slow runs measure the neighbours.
+    let mut best: f64 = 0.0;
+    for _ in 0..REPS {
+        best = best.max(over_once(uri, src, dst, &send, &recv, rounds)?);
+    }
+    Ok(best)
+}
+
+const REPS: usize = 3;
+
+fn over_once<S, R>(uri: &MigrationUri, src: &[u8], dst: &mut [u8], send: &S, recv: &R, rounds: u64) -> Result<f64, BenchError>
 where
     S: Fn(&mut MigrationStream, &[u8], u64) -> io::Result<()> + Sync,
     R: Fn(&mut MigrationStream, &mut [u8], u64) -> io::Result<()>,

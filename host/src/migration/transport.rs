@@ -294,10 +294,25 @@ impl MigrationListener {
 }
 
 /// Nagle stays on (the stream is bulk data written in large blocks), and
-/// large socket buffers.
+/// large socket buffers. Setting SO_{SND,RCV}BUF turns Linux's TCP buffer
+/// auto-tuning off, which grows them further when its limit
+/// (`net.ipv4.tcp_{w,r}mem`, 4 MiB / 32 MiB by default) allows; so they are
+/// only set where that limit is below [`SOCKET_BUFFER`]. Measured on
+/// loopback, auto-tuned buffers were as fast or faster than fixed 4 MiB ones.
 fn tune_tcp(s: &TcpStream) -> Result<(), TransportError> {
     s.set_nodelay(false).map_err(|e| TransportError::SocketOption("TCP_NODELAY", e))?;
+    if autotune_max("/proc/sys/net/ipv4/tcp_wmem").min(autotune_max("/proc/sys/net/ipv4/tcp_rmem")) >= SOCKET_BUFFER {
+        return Ok(());
+    }
     set_buffers(s)
+}
+
+/// The third (max) field of a `tcp_{w,r}mem` sysctl, or 0.
+fn autotune_max(path: &str) -> usize {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(2).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
 }
 
 fn set_buffers(s: &impl AsRawFd) -> Result<(), TransportError> {
