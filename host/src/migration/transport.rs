@@ -67,7 +67,10 @@ impl FromStr for MigrationUri {
     type Err = TransportError;
 
     fn from_str(uri: &str) -> Result<Self, TransportError> {
-        let (scheme, rest) = uri.split_once(':').ok_or_else(|| TransportError::NoScheme(uri.into()))?;
+        let (scheme, rest) = uri
+            .split_once(':')
+            .filter(|(s, _)| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphabetic()))
+            .ok_or_else(|| TransportError::NoScheme(uri.into()))?;
         let bad = |reason| TransportError::BadUri { uri: uri.into(), reason };
         match scheme {
             "tcp" => {
