@@ -63,12 +63,20 @@ fn rate(bytes: u64, d: Duration) -> f64 {
 
 impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "migration stream, {} MiB of non-zero pages (MB/s):", self.bytes >> 20)?;
+        writeln!(
+            f,
+            "migration stream, {} MiB of non-zero pages (MB/s):",
+            self.bytes >> 20
+        )?;
         writeln!(f, "  crc32c                       {:>9.0}", self.crc32c)?;
         writeln!(f, "  zero-page check (zero pages) {:>9.0}", self.zero_check)?;
         writeln!(f, "  encode, in memory            {:>9.0}", self.encode_mem)?;
         writeln!(f, "  decode, in memory            {:>9.0}", self.decode_mem)?;
-        writeln!(f, "  tcp baseline: io::copy       {:>9.0}", self.tcp_io_copy)?;
+        writeln!(
+            f,
+            "  tcp baseline: io::copy       {:>9.0}",
+            self.tcp_io_copy
+        )?;
         writeln!(f, "  tcp baseline: read_exact     {:>9.0}", self.tcp_raw)?;
         writeln!(
             f,
@@ -78,14 +86,18 @@ impl fmt::Display for BenchReport {
             self.tcp_stream / self.tcp_raw,
             self.tcp_stream / 170.0
         )?;
-        write!(f, "  unix stream                  {:>9.0}", self.unix_stream)
+        write!(
+            f,
+            "  unix stream                  {:>9.0}",
+            self.unix_stream
+        )
     }
 }
 
 /// Run every measurement on `total` bytes of non-zero pages, sent as rounds
 /// of a `block`-byte RAM block (so memory use is 2 × `block`).
 pub fn run(total: u64, block: usize) -> Result<BenchReport, BenchError> {
-    if block == 0 || block % PAGE_SIZE != 0 {
+    if block == 0 || !super::format::page_aligned(block as u64) {
         return Err(BenchError::BadSize(block));
     }
     let rounds = total.div_ceil(block as u64).max(1);
@@ -95,7 +107,10 @@ pub fn run(total: u64, block: usize) -> Result<BenchReport, BenchError> {
     let config = ConfigSection {
         ram_size: block as u64,
         vcpus: 1,
-        ram_blocks: vec![RamBlockInfo { id: "ram0".into(), size: block as u64 }],
+        ram_blocks: vec![RamBlockInfo {
+            id: "ram0".into(),
+            size: block as u64,
+        }],
         devices: vec![],
     };
 
@@ -110,7 +125,10 @@ pub fn run(total: u64, block: usize) -> Result<BenchReport, BenchError> {
     let zeros = vec![0u8; block];
     let t = Instant::now();
     for _ in 0..rounds {
-        let n = zeros.chunks_exact(PAGE_SIZE).filter(|p| super::is_zero_page(p)).count();
+        let n = zeros
+            .chunks_exact(PAGE_SIZE)
+            .filter(|p| super::is_zero_page(p))
+            .count();
         std::hint::black_box(n);
     }
     let zero_check = rate(bytes, t.elapsed());
@@ -136,33 +154,50 @@ pub fn run(total: u64, block: usize) -> Result<BenchReport, BenchError> {
     let decode_mem = rate(bytes, t.elapsed());
     check(&src, &mut dst)?;
 
-    let tcp = MigrationUri::Tcp { host: "127.0.0.1".into(), port: 0 };
-    let tcp_io_copy = over(&tcp, &src, &mut dst, |s, src, r| {
-        for _ in 0..r {
-            io::copy(&mut &src[..], s)?;
-        }
-        s.flush()
-    }, |s, dst, r| {
-        for _ in 0..r {
-            let n = io::copy(&mut s.take(dst.len() as u64), &mut &mut dst[..])?;
-            if n != dst.len() as u64 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
+    let tcp = MigrationUri::Tcp {
+        host: "127.0.0.1".into(),
+        port: 0,
+    };
+    let tcp_io_copy = over(
+        &tcp,
+        &src,
+        &mut dst,
+        |s, src, r| {
+            for _ in 0..r {
+                io::copy(&mut &src[..], s)?;
             }
-        }
-        Ok(())
-    }, rounds)?;
+            s.flush()
+        },
+        |s, dst, r| {
+            for _ in 0..r {
+                let n = io::copy(&mut s.take(dst.len() as u64), &mut &mut dst[..])?;
+                if n != dst.len() as u64 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+            Ok(())
+        },
+        rounds,
+    )?;
     check(&src, &mut dst)?;
-    let tcp_raw = over(&tcp, &src, &mut dst, |s, src, r| {
-        for _ in 0..r {
-            s.write_all(src)?;
-        }
-        Ok(())
-    }, |s, dst, r| {
-        for _ in 0..r {
-            s.read_exact(dst)?;
-        }
-        Ok(())
-    }, rounds)?;
+    let tcp_raw = over(
+        &tcp,
+        &src,
+        &mut dst,
+        |s, src, r| {
+            for _ in 0..r {
+                s.write_all(src)?;
+            }
+            Ok(())
+        },
+        |s, dst, r| {
+            for _ in 0..r {
+                s.read_exact(dst)?;
+            }
+            Ok(())
+        },
+        rounds,
+    )?;
     check(&src, &mut dst)?;
     let send_stream = |s: &mut MigrationStream, src: &[u8], r: u64| -> io::Result<()> {
         let mut w = StreamWriter::new(s).map_err(io::Error::other)?;
@@ -187,7 +222,17 @@ pub fn run(total: u64, block: usize) -> Result<BenchReport, BenchError> {
     let unix_stream = unix_stream?;
     check(&src, &mut dst)?;
 
-    Ok(BenchReport { bytes, crc32c, zero_check, encode_mem, decode_mem, tcp_io_copy, tcp_raw, tcp_stream, unix_stream })
+    Ok(BenchReport {
+        bytes,
+        crc32c,
+        zero_check,
+        encode_mem,
+        decode_mem,
+        tcp_io_copy,
+        tcp_raw,
+        tcp_stream,
+        unix_stream,
+    })
 }
 
 /// Read a whole stream, RAM pages into `dst`.
@@ -203,7 +248,14 @@ fn receive(input: impl Read, dst: &mut [u8]) -> Result<(), StreamError> {
 }
 
 /// Time one transfer over `uri`: `send` on a thread, `recv` here.
-fn over<S, R>(uri: &MigrationUri, src: &[u8], dst: &mut [u8], send: S, recv: R, rounds: u64) -> Result<f64, BenchError>
+fn over<S, R>(
+    uri: &MigrationUri,
+    src: &[u8],
+    dst: &mut [u8],
+    send: S,
+    recv: R,
+    rounds: u64,
+) -> Result<f64, BenchError>
 where
     S: Fn(&mut MigrationStream, &[u8], u64) -> io::Result<()> + Sync,
     R: Fn(&mut MigrationStream, &mut [u8], u64) -> io::Result<()>,
@@ -218,7 +270,14 @@ where
 
 const REPS: usize = 3;
 
-fn over_once<S, R>(uri: &MigrationUri, src: &[u8], dst: &mut [u8], send: &S, recv: &R, rounds: u64) -> Result<f64, BenchError>
+fn over_once<S, R>(
+    uri: &MigrationUri,
+    src: &[u8],
+    dst: &mut [u8],
+    send: &S,
+    recv: &R,
+    rounds: u64,
+) -> Result<f64, BenchError>
 where
     S: Fn(&mut MigrationStream, &[u8], u64) -> io::Result<()> + Sync,
     R: Fn(&mut MigrationStream, &mut [u8], u64) -> io::Result<()>,

@@ -61,7 +61,9 @@ impl<W: Write> StreamWriter<W> {
             config: None,
             sections: 0,
             bytes: 0,
-            head: Vec::with_capacity(SECTION_HEADER_LEN + 1 + MAX_STRING_LEN + 4 + 8 * MAX_PAGES_PER_BATCH),
+            head: Vec::with_capacity(
+                SECTION_HEADER_LEN + 1 + MAX_STRING_LEN + 4 + 8 * MAX_PAGES_PER_BATCH,
+            ),
             entries: Vec::with_capacity(MAX_PAGES_PER_BATCH),
         };
         let mut h = [0u8; STREAM_HEADER_LEN];
@@ -143,7 +145,12 @@ impl<W: Write> StreamWriter<W> {
     /// Pages `pages` (indices, e.g. from a dirty bitmap) of RAM block
     /// `block`, whose memory is `mem`: batches of up to
     /// [`MAX_PAGES_PER_BATCH`] pages, zero pages as markers.
-    pub fn write_ram_pages(&mut self, block: &str, mem: &[u8], pages: &[u64]) -> Result<RamStats, StreamError> {
+    pub fn write_ram_pages(
+        &mut self,
+        block: &str,
+        mem: &[u8],
+        pages: &[u64],
+    ) -> Result<RamStats, StreamError> {
         self.write_ram_iter(block, mem, pages.iter().copied())
     }
 
@@ -153,8 +160,15 @@ impl<W: Write> StreamWriter<W> {
         mem: &[u8],
         pages: impl IntoIterator<Item = u64>,
     ) -> Result<RamStats, StreamError> {
-        let config = self.config.as_ref().ok_or(StreamError::Order("RAM section before configuration"))?;
-        let info = config.ram_block(block).ok_or_else(|| StreamError::UnknownRamBlock { block: block.into() })?;
+        let config = self
+            .config
+            .as_ref()
+            .ok_or(StreamError::Order("RAM section before configuration"))?;
+        let info = config
+            .ram_block(block)
+            .ok_or_else(|| StreamError::UnknownRamBlock {
+                block: block.into(),
+            })?;
         let block_pages = info.pages();
         let mut stats = RamStats::default();
         let mut entries = std::mem::take(&mut self.entries);
@@ -162,11 +176,19 @@ impl<W: Write> StreamWriter<W> {
         let mut result = Ok(());
         for index in pages {
             if index >= block_pages {
-                result = Err(StreamError::PageOutOfRange { block: block.into(), index, pages: block_pages });
+                result = Err(StreamError::PageOutOfRange {
+                    block: block.into(),
+                    index,
+                    pages: block_pages,
+                });
                 break;
             }
             let Some(page) = page_of(mem, index) else {
-                result = Err(StreamError::DestinationTooSmall { block: block.into(), index, len: mem.len() });
+                result = Err(StreamError::DestinationTooSmall {
+                    block: block.into(),
+                    index,
+                    len: mem.len(),
+                });
                 break;
             };
             entries.push(PageEntry::new(index, is_zero_page(page)));
@@ -193,10 +215,16 @@ impl<W: Write> StreamWriter<W> {
 
     /// One RAM section: header and entries from `self.head`, page data
     /// straight from `mem` as vectored writes of contiguous runs.
-    fn put_ram_batch(&mut self, block: &str, mem: &[u8], entries: &[PageEntry]) -> Result<RamStats, StreamError> {
+    fn put_ram_batch(
+        &mut self,
+        block: &str,
+        mem: &[u8],
+        entries: &[PageEntry],
+    ) -> Result<RamStats, StreamError> {
         check_string("RAM block id", block)?;
         let data_pages = entries.iter().filter(|e| !e.is_zero()).count();
-        let payload_len = 1 + block.len() + RAM_COUNT_LEN + 8 * entries.len() + PAGE_SIZE * data_pages;
+        let payload_len =
+            1 + block.len() + RAM_COUNT_LEN + 8 * entries.len() + PAGE_SIZE * data_pages;
         let mut head = std::mem::take(&mut self.head);
         head.clear();
         push_section_header(&mut head, section_type::RAM, 0, payload_len as u32);
@@ -209,12 +237,16 @@ impl<W: Write> StreamWriter<W> {
         // Contiguous runs of data pages, cut into chunks, written in groups
         // of about CHUNK bytes: each group is checksummed right before it
         // goes to the kernel, so the kernel copies it from the cache.
-        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(2 + data_pages.min(CHUNK / PAGE_SIZE));
+        let mut slices: Vec<IoSlice<'_>> =
+            Vec::with_capacity(2 + data_pages.min(CHUNK / PAGE_SIZE));
         slices.push(IoSlice::new(&head));
         let mut group = head.len();
         let mut crc = crc32c::crc32c(&head[SECTION_HEADER_LEN..]);
-        let mut runs = RunIter { entries: entries.iter(), pending: None };
-        while let Some((s, end)) = runs.next() {
+        let runs = RunIter {
+            entries: entries.iter(),
+            pending: None,
+        };
+        for (s, end) in runs {
             let r = &mem[s..end];
             crc = crc32c::crc32c_append(crc, r);
             slices.push(IoSlice::new(r));
@@ -250,11 +282,17 @@ impl<W: Write> StreamWriter<W> {
         stage: DeviceStage,
         data: &[u8],
     ) -> Result<(), StreamError> {
-        let config = self.config.as_ref().ok_or(StreamError::Order("device section before configuration"))?;
+        let config = self
+            .config
+            .as_ref()
+            .ok_or(StreamError::Order("device section before configuration"))?;
         let dev = config
             .device(id)
             .filter(|d| d.kind == kind)
-            .ok_or_else(|| StreamError::UnknownDevice { kind: kind.into(), id: id.into() })?;
+            .ok_or_else(|| StreamError::UnknownDevice {
+                kind: kind.into(),
+                id: id.into(),
+            })?;
         if version > dev.section_version {
             return Err(StreamError::DeviceVersionTooNew {
                 kind: kind.into(),
@@ -280,9 +318,15 @@ impl<W: Write> StreamWriter<W> {
 
     /// A vCPU state section: opaque bytes of the VM layer.
     pub fn write_vcpu(&mut self, index: u32, data: &[u8]) -> Result<(), StreamError> {
-        let config = self.config.as_ref().ok_or(StreamError::Order("vCPU section before configuration"))?;
+        let config = self
+            .config
+            .as_ref()
+            .ok_or(StreamError::Order("vCPU section before configuration"))?;
         if index >= config.vcpus {
-            return Err(StreamError::VcpuOutOfRange { index, count: config.vcpus });
+            return Err(StreamError::VcpuOutOfRange {
+                index,
+                count: config.vcpus,
+            });
         }
         if data.len() > MAX_VCPU_DATA as usize {
             return Err(StreamError::TooLong {
@@ -319,8 +363,14 @@ impl<W: Write> StreamWriter<W> {
         let count = self.sections;
         self.put_section(section_type::END, 0, &[&count.to_le_bytes()])?;
         self.out.flush()?;
-        log::debug!("migration stream: finished, {} sections, {} bytes", self.sections, self.bytes);
-        self.out.into_inner().map_err(|e| StreamError::Io(e.into_error()))
+        log::debug!(
+            "migration stream: finished, {} sections, {} bytes",
+            self.sections,
+            self.bytes
+        );
+        self.out
+            .into_inner()
+            .map_err(|e| StreamError::Io(e.into_error()))
     }
 
     fn put_section(&mut self, ty: u8, flags: u8, parts: &[&[u8]]) -> Result<(), StreamError> {
@@ -358,7 +408,9 @@ impl Iterator for RunIter<'_> {
         for e in self.entries.by_ref().filter(|e| !e.is_zero()) {
             let start = e.index() as usize * PAGE_SIZE;
             match self.pending {
-                Some((s, end)) if end == start && end - s < CHUNK => self.pending = Some((s, start + PAGE_SIZE)),
+                Some((s, end)) if end == start && end - s < CHUNK => {
+                    self.pending = Some((s, start + PAGE_SIZE))
+                }
                 prev => {
                     self.pending = Some((start, start + PAGE_SIZE));
                     if prev.is_some() {

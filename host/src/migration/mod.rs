@@ -28,7 +28,9 @@ pub use compat::{check_compatibility, CompatError, Mismatch};
 pub use decode::{Page, StreamReader, READ_BUFFER};
 pub use encode::{RamStats, StreamWriter, WRITE_BUFFER};
 pub use format::*;
-pub use transport::{connect, listen, MigrationListener, MigrationStream, MigrationUri, TransportError};
+pub use transport::{
+    connect, listen, MigrationListener, MigrationStream, MigrationUri, TransportError,
+};
 
 #[cfg(test)]
 mod tests;
