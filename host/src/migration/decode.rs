@@ -10,13 +10,14 @@ use std::io::{BufReader, Read};
 
 use super::format::*;
 
-/// Capacity of the reader's buffer. Runs of pages larger than it are read
-/// straight into the destination.
+/// Capacity of the reader's buffer: the size of its socket reads.
 pub const READ_BUFFER: usize = 64 << 10;
-/// Page data is read and checksummed in pieces of this size (more than
-/// [`READ_BUFFER`], so the reads bypass it; small enough to stay in the
-/// cache between the copy and the checksum).
-const CHUNK: usize = 256 << 10;
+/// Page data is copied from the read buffer to the destination and
+/// checksummed in pieces of this size, while they are in the cache. Smaller
+/// than [`READ_BUFFER`] on purpose: over loopback TCP, 64 KiB socket reads
+/// into a hot buffer plus a copy ran at 3.7 GB/s, reads straight into the
+/// (cold) destination at 2.6 GB/s.
+const CHUNK: usize = 32 << 10;
 
 /// One page of a RAM batch handed to a [`StreamReader::read_ram_with`] sink.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
