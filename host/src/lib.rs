@@ -7,4 +7,5 @@
 pub mod cli;
 pub mod elf;
 pub mod loader;
+pub mod migration;
 pub mod uffd;
