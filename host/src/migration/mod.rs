@@ -21,6 +21,7 @@ pub mod bench;
 mod compat;
 mod decode;
 mod encode;
+pub mod extents;
 mod format;
 pub mod transport;
 
