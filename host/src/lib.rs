@@ -11,6 +11,7 @@ pub mod devices;
 pub mod elf;
 pub mod guest;
 pub mod loader;
+pub mod migration;
 pub mod run;
 pub mod services;
 pub mod testing;

@@ -12,7 +12,7 @@ use dmhost_plugin_api::{ErrorKind, RSlice, RSliceMut};
 use fixtures::{build_not_a_plugin, build_scratch_plugin, doctored_plugin_api, target_debug, workspace_root};
 
 /// Plugins this workspace ships (library stems).
-const SHIPPED: &[&str] = &["pc_dimm"];
+const SHIPPED: &[&str] = &["pc_dimm", "nvdimm"];
 
 fn shipped(stem: &str) -> PathBuf {
     let p = target_debug().join(format!("lib{stem}.so"));
@@ -40,7 +40,7 @@ fn shipped_plugins_pass_the_conformance_suite() {
 fn plugins_list_shows_the_shipped_plugins() {
     let out = dmhost(&["plugins", "list", "-v"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    for (name, kind) in [("pc-dimm", "kinds=pc-dimm")] {
+    for (name, kind) in [("pc-dimm", "kinds=pc-dimm"), ("nvdimm", "kinds=nvdimm")] {
         let line = stdout.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} not listed:\n{stdout}"));
         assert!(line.contains(kind), "{line}");
     }

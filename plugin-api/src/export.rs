@@ -282,7 +282,7 @@ impl Device for Guarded {
 
 /// Export a [`Plugin`] as this library's root module.
 ///
-/// ```ignore
+/// ```text
 /// dmhost_plugin_api::export_plugin!(MyPlugin);
 /// ```
 #[macro_export]
