@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod control_client;
 pub mod devices;
 pub mod elf;
 pub mod guest;

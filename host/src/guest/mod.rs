@@ -46,6 +46,7 @@
 //! with the value written as the exit code.
 
 pub mod asm;
+pub mod migrate_verify;
 pub mod programs;
 
 use std::{collections::BTreeMap, path::Path};

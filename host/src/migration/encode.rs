@@ -358,8 +358,9 @@ impl<W: Write> StreamWriter<W> {
         Ok(())
     }
 
-    /// Write the end section, flush, and hand back the transport.
-    pub fn finish(mut self) -> Result<W, StreamError> {
+    /// Write the end section and flush; the transport stays open (its
+    /// return path may still be in use).
+    pub fn write_end(&mut self) -> Result<(), StreamError> {
         let count = self.sections;
         self.put_section(section_type::END, 0, &[&count.to_le_bytes()])?;
         self.out.flush()?;
@@ -368,6 +369,12 @@ impl<W: Write> StreamWriter<W> {
             self.sections,
             self.bytes
         );
+        Ok(())
+    }
+
+    /// Write the end section, flush, and hand back the transport.
+    pub fn finish(mut self) -> Result<W, StreamError> {
+        self.write_end()?;
         self.out
             .into_inner()
             .map_err(|e| StreamError::Io(e.into_error()))
