@@ -113,7 +113,8 @@ pub fn migrate(vm: &Vm, uri: &MigrationUri, progress: &Progress) -> Result<Summa
     let total: u64 = s.blocks.iter().map(|b| b.size).sum();
     progress.update(|st| st.total = total);
     vm.enable_dirty_logging(true)?;
-    let result = s.run(ack, started);
+    let refusal = ack.as_ref().and_then(|a| a.try_clone().ok());
+    let result = s.run(ack, started).map_err(|e| explain(e, refusal));
     if let Err(e) = vm.enable_dirty_logging(false) {
         log::warn!("migration: turning dirty logging off: {e}");
     }
@@ -337,6 +338,25 @@ impl Sender<'_> {
         } else {
             Ok(())
         }
+    }
+}
+
+/// A write that failed because the destination hung up may have a reason
+/// waiting on the return path (it says why before closing): prefer it.
+fn explain(e: MigrationError, ret: Option<MigrationStream>) -> MigrationError {
+    let (MigrationError::Stream(StreamError::Io(_)), Some(ret)) = (&e, ret) else {
+        return e;
+    };
+    let timeout = Some(Duration::from_secs(2));
+    match &ret {
+        MigrationStream::Tcp(s) => drop(s.set_read_timeout(timeout)),
+        MigrationStream::Unix(s) => drop(s.set_read_timeout(timeout)),
+        _ => {}
+    }
+    let mut line = String::new();
+    match BufReader::new(ret).read_line(&mut line) {
+        Ok(_) if line.starts_with("error: ") => MigrationError::Refused(line["error: ".len()..].trim_end().to_owned()),
+        _ => e,
     }
 }
 
