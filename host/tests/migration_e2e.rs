@@ -129,7 +129,7 @@ fn migrate(sock: &Path, to: &str, extra: &[&str]) -> std::process::Output {
 fn assert_verified(code: i32, out: &[String], err: &[String], rounds: u64) {
     let want = format!("migrate-verify: 0x{rounds:016x} rounds verified");
     assert_eq!(code, 0, "stdout {out:?}\nstderr {err:?}");
-    assert!(out.iter().any(|l| *l == want), "no {want:?} in {out:?}");
+    assert!(out.contains(&want), "no {want:?} in {out:?}");
 }
 
 #[test]
