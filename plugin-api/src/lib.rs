@@ -14,6 +14,16 @@
 //! added after the current last ones (and the `last_prefix_field` marker
 //! stays where it is at 1.0). Existing types never change layout; a change
 //! that needs that is a new major version.
+//!
+//! ## 1.1 (append-only)
+//!
+//! - [`PluginModule`]: `vfio_drivers` and `open_vfio_driver`, after `create`,
+//!   each `missing_field(option)`: a host reads them with the
+//!   `Option`-returning accessors, so 1.0 plugins still load.
+//! - [`HostServices::open_vfio_driver`], after `write_guest` (which stays the
+//!   last prefix field), with a default body that refuses: an older host's
+//!   services object answers `Unsupported` through it.
+//! - New types in [`vfio`]: the [`VfioDriverDevice`] contract and its data.
 
 // abi_stable's derive and sabi_trait macros generate these patterns.
 #![allow(non_local_definitions, non_camel_case_types)]
@@ -26,6 +36,7 @@ mod logging;
 mod module;
 mod services;
 mod types;
+pub mod vfio;
 
 pub use abi_stable;
 pub use abi_stable::std_types::{RResult, RSlice, RSliceMut, RStr, RString, RVec};
@@ -39,6 +50,10 @@ pub use services::{
 pub use types::{
     DeviceKind, DsmReply, DsmRequest, GuestRegion, LogLevel, MemoryRegion, PendingSize,
     PlugInfo, SaveChunk,
+};
+pub use vfio::{
+    MigState, VfioDataStream, VfioDeviceInfo, VfioDriver, VfioDriverBox, VfioDriverDevice,
+    VfioDriverDevice_TO, VfioDriverInfo, VfioError, VfioIrqInfo, VfioPrecopyInfo, VfioRegionInfo,
 };
 
 /// Parse a plugin's JSON config into `T`, mapping errors to `InvalidConfig`
