@@ -20,9 +20,11 @@
 //! - [`PluginModule`]: `vfio_drivers` and `open_vfio_driver`, after `create`,
 //!   each `missing_field(option)`: a host reads them with the
 //!   `Option`-returning accessors, so 1.0 plugins still load.
-//! - [`HostServices::open_vfio_driver`], after `write_guest` (which stays the
+//! - `HostServices::open_vfio_driver`, after `write_guest` (which stays the
 //!   last prefix field), with a default body that refuses: an older host's
-//!   services object answers `Unsupported` through it.
+//!   services object answers `Unsupported` through it. Likewise
+//!   `register_msi_irqfd` / `unregister_msi_irqfd` (MSI delivery for
+//!   passthrough devices).
 //! - New types in [`vfio`]: the [`VfioDriverDevice`] contract and its data.
 
 // abi_stable's derive and sabi_trait macros generate these patterns.

@@ -73,6 +73,23 @@ pub trait HostServices: Send + Sync + Clone {
             "this host cannot open vendor VFIO drivers (asked for {matching:?})"
         )))
     }
+
+    /// Deliver the MSI message (`address`, `data`) whenever `fd` (an
+    /// eventfd) is written: on KVM an MSI route plus an irqfd. Registering
+    /// the same `fd` again updates its message.
+    fn register_msi_irqfd(&self, fd: i32, address: u64, data: u32) -> RResult<(), PluginError> {
+        let _ = (address, data);
+        RResult::RErr(PluginError::unsupported(format!(
+            "this host has no MSI routing (eventfd {fd})"
+        )))
+    }
+
+    /// Undo `register_msi_irqfd`.
+    fn unregister_msi_irqfd(&self, fd: i32) -> RResult<(), PluginError> {
+        RResult::RErr(PluginError::unsupported(format!(
+            "this host has no MSI routing (eventfd {fd})"
+        )))
+    }
 }
 
 /// The host-services object type a device holds.
