@@ -26,7 +26,10 @@ fn eventfd() -> Result<OwnedFd, PluginError> {
     // SAFETY: plain eventfd creation; the result is checked.
     let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
     if fd < 0 {
-        return Err(PluginError::io(format!("eventfd: {}", std::io::Error::last_os_error())));
+        return Err(PluginError::io(format!(
+            "eventfd: {}",
+            std::io::Error::last_os_error()
+        )));
     }
     // SAFETY: a fresh descriptor nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -72,7 +75,10 @@ impl VfioPci {
                     .open_vfio_driver(RStr::from(matching.as_str()), RStr::from(config.as_str()))
                     .into_result()
                     .map_err(|e| {
-                        PluginError::new(e.kind, format!("vfio-pci {id}: driver {matching:?}: {}", e.message))
+                        PluginError::new(
+                            e.kind,
+                            format!("vfio-pci {id}: driver {matching:?}: {}", e.message),
+                        )
                     })?;
                 Box::new(VendorBackend::new(matching, driver))
             }
@@ -90,7 +96,10 @@ impl VfioPci {
     ) -> Result<Self, PluginError> {
         let info = backend.device_info();
         if info.flags & dmhost_plugin_api::vfio::VFIO_DEVICE_FLAGS_PCI == 0 {
-            return Err(PluginError::unsupported(format!("vfio-pci {id}: {} is not a PCI device", backend.describe())));
+            return Err(PluginError::unsupported(format!(
+                "vfio-pci {id}: {} is not a PCI device",
+                backend.describe()
+            )));
         }
         let config = ConfigSpace::from_backend(&*backend)
             .map_err(|e| PluginError::io(format!("vfio-pci {id}: {e}")))?;
@@ -99,7 +108,10 @@ impl VfioPci {
         for bar in config.bars() {
             match backend.region_mmap(bar.index) {
                 Ok(Some(region)) if region.size == bar.size && region.host_addr % 4096 == 0 => {
-                    direct = Some(DirectRegion { index: bar.index, region });
+                    direct = Some(DirectRegion {
+                        index: bar.index,
+                        region,
+                    });
                     break;
                 }
                 Ok(_) => {}
@@ -138,7 +150,10 @@ impl VfioPci {
     }
 
     fn direct_bar(&self) -> Option<DirectBar> {
-        self.direct.as_ref().map(|d| DirectBar { index: d.index, size: d.region.size })
+        self.direct.as_ref().map(|d| DirectBar {
+            index: d.index,
+            size: d.region.size,
+        })
     }
 
     fn sync_bars(&mut self) {
@@ -149,36 +164,67 @@ impl VfioPci {
     }
 
     fn setup_intx(&mut self) -> Result<(), PluginError> {
-        let Some(gsi) = self.intx_gsi else { return Ok(()) };
-        let count = self.backend.irq_info(VFIO_PCI_INTX_IRQ_INDEX).map(|i| i.count).unwrap_or(0);
+        let Some(gsi) = self.intx_gsi else {
+            return Ok(());
+        };
+        let count = self
+            .backend
+            .irq_info(VFIO_PCI_INTX_IRQ_INDEX)
+            .map(|i| i.count)
+            .unwrap_or(0);
         if count == 0 {
-            log::info!("vfio-pci {}: device has no INTx; intx-gsi {gsi} unused", self.id);
+            log::info!(
+                "vfio-pci {}: device has no INTx; intx-gsi {gsi} unused",
+                self.id
+            );
             return Ok(());
         }
         let (trigger, resample) = (eventfd()?, eventfd()?);
         let b = &self.backend;
-        b.set_irqs(VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[trigger.as_raw_fd()])
-            .map_err(|e| self.err(format!("INTx trigger: {e}")))?;
-        if let Err(e) =
-            b.set_irqs(VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_UNMASK, 0, &[resample.as_raw_fd()])
-        {
+        b.set_irqs(
+            VFIO_PCI_INTX_IRQ_INDEX,
+            VFIO_IRQ_SET_ACTION_TRIGGER,
+            0,
+            &[trigger.as_raw_fd()],
+        )
+        .map_err(|e| self.err(format!("INTx trigger: {e}")))?;
+        if let Err(e) = b.set_irqs(
+            VFIO_PCI_INTX_IRQ_INDEX,
+            VFIO_IRQ_SET_ACTION_UNMASK,
+            0,
+            &[resample.as_raw_fd()],
+        ) {
             let _ = b.set_irqs(VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[]);
             return Err(self.err(format!("INTx unmask: {e}")));
         }
-        if let Err(e) = self.host.register_irqfd(gsi, trigger.as_raw_fd(), resample.as_raw_fd()).into_result() {
+        if let Err(e) = self
+            .host
+            .register_irqfd(gsi, trigger.as_raw_fd(), resample.as_raw_fd())
+            .into_result()
+        {
             let _ = b.set_irqs(VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[]);
             return Err(e);
         }
-        self.intx = Some(Intx { gsi, trigger, _resample: resample });
+        self.intx = Some(Intx {
+            gsi,
+            trigger,
+            _resample: resample,
+        });
         Ok(())
     }
 
     fn teardown_intx(&mut self) {
         if let Some(intx) = self.intx.take() {
-            if let Err(e) = self.host.unregister_irqfd(intx.gsi, intx.trigger.as_raw_fd()).into_result() {
+            if let Err(e) = self
+                .host
+                .unregister_irqfd(intx.gsi, intx.trigger.as_raw_fd())
+                .into_result()
+            {
                 log::warn!("vfio-pci {}: INTx irqfd: {e}", self.id);
             }
-            let _ = self.backend.set_irqs(VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[]);
+            let _ =
+                self.backend
+                    .set_irqs(VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[]);
         }
     }
 
@@ -193,17 +239,25 @@ impl VfioPci {
                 }
             }
         }
-        let _ = self.backend.set_irqs(VFIO_PCI_MSI_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[]);
+        let _ = self
+            .backend
+            .set_irqs(VFIO_PCI_MSI_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[]);
     }
 
     /// Follow the guest's MSI enable/address/data.
     fn update_msi(&mut self) -> Result<(), PluginError> {
-        let Some((enabled, vectors, address, data)) = self.config.msi_state() else { return Ok(()) };
+        let Some((enabled, vectors, address, data)) = self.config.msi_state() else {
+            return Ok(());
+        };
         if !enabled || !self.plugged {
             self.teardown_msi();
             return Ok(());
         }
-        let max = self.backend.irq_info(VFIO_PCI_MSI_IRQ_INDEX).map(|i| i.count).unwrap_or(0);
+        let max = self
+            .backend
+            .irq_info(VFIO_PCI_MSI_IRQ_INDEX)
+            .map(|i| i.count)
+            .unwrap_or(0);
         let count = vectors.min(max) as usize;
         if count == 0 {
             return Ok(());
@@ -222,7 +276,11 @@ impl VfioPci {
         }
         for (vector, (fd, routed)) in self.msi.iter_mut().enumerate() {
             let vdata = data | vector as u32;
-            match self.host.register_msi_irqfd(fd.as_raw_fd(), address, vdata).into_result() {
+            match self
+                .host
+                .register_msi_irqfd(fd.as_raw_fd(), address, vdata)
+                .into_result()
+            {
                 Ok(()) => *routed = true,
                 Err(e) if e.kind == ErrorKind::Unsupported => {
                     if !self.msi_warned {
@@ -251,7 +309,11 @@ impl VfioPci {
                 ConfigEffect::IntxDisable => {}
                 ConfigEffect::Forward { offset, len } => {
                     let bytes = self.config.bytes()[offset..offset + len].to_vec();
-                    if let Err(e) = self.backend.region_write(VFIO_PCI_CONFIG_REGION_INDEX, offset as u64, &bytes) {
+                    if let Err(e) = self.backend.region_write(
+                        VFIO_PCI_CONFIG_REGION_INDEX,
+                        offset as u64,
+                        &bytes,
+                    ) {
                         log::debug!("vfio-pci {}: forwarding config {offset:#x}: {e}", self.id);
                     }
                 }
@@ -266,7 +328,13 @@ impl VfioPci {
         Ok(())
     }
 
-    fn bar_access(&mut self, space: IoSpace, addr: u64, read: Option<&mut [u8]>, write: &[u8]) -> Result<(), PluginError> {
+    fn bar_access(
+        &mut self,
+        space: IoSpace,
+        addr: u64,
+        read: Option<&mut [u8]>,
+        write: &[u8],
+    ) -> Result<(), PluginError> {
         let len = read.as_ref().map_or(write.len(), |b| b.len());
         let Some((index, offset)) = self.bars.lookup(space, addr, len) else {
             if let Some(buf) = read {
@@ -313,11 +381,28 @@ impl DeviceModel for VfioPci {
             // BAR decodes until the guest moves it.
             let (index, size) = (d.index, d.region.size);
             let at = 0x10 + 4 * index;
-            let mut fx = self.config.write(at, &(gpa as u32).to_le_bytes()).map_err(|e| self.err(e))?;
-            if self.config.bar(index).is_some_and(|b| b.kind == crate::config_space::BarKind::Mem64) {
-                fx.extend(self.config.write(at + 4, &((gpa >> 32) as u32).to_le_bytes()).map_err(|e| self.err(e))?);
+            let mut fx = self
+                .config
+                .write(at, &(gpa as u32).to_le_bytes())
+                .map_err(|e| self.err(e))?;
+            if self
+                .config
+                .bar(index)
+                .is_some_and(|b| b.kind == crate::config_space::BarKind::Mem64)
+            {
+                fx.extend(
+                    self.config
+                        .write(at + 4, &((gpa >> 32) as u32).to_le_bytes())
+                        .map_err(|e| self.err(e))?,
+                );
             }
-            self.bars.adopt(Mapping { index, space: IoSpace::Mmio, gpa, size, direct: true });
+            self.bars.adopt(Mapping {
+                index,
+                space: IoSpace::Mmio,
+                gpa,
+                size,
+                direct: true,
+            });
         }
         if let Err(e) = self.setup_intx() {
             self.plugged = false;
@@ -393,13 +478,18 @@ impl DeviceModel for VfioPci {
     }
     fn load_state(&mut self, version: u32, data: &[u8]) -> Result<(), PluginError> {
         let r = self.migration.load_state(&mut *self.backend, version, data);
-        let Some(saved) = r.map_err(|e| self.mig_err(e))? else { return Ok(()) };
+        let Some(saved) = r.map_err(|e| self.mig_err(e))? else {
+            return Ok(());
+        };
         self.config
             .restore(&saved)
             .map_err(|e| PluginError::migration(format!("vfio-pci {}: {e}", self.id)))?;
         // Re-derive everything config space drives.
         let forward = [
-            ConfigEffect::Forward { offset: 0x04, len: 2 },
+            ConfigEffect::Forward {
+                offset: 0x04,
+                len: 2,
+            },
             ConfigEffect::Decode,
             ConfigEffect::MsiControl,
         ];

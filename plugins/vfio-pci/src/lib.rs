@@ -34,9 +34,16 @@ impl Plugin for VfioPciPlugin {
         }]
     }
 
-    fn create(kind: &str, id: &str, config: &str, host: Host) -> Result<Box<dyn DeviceModel>, PluginError> {
+    fn create(
+        kind: &str,
+        id: &str,
+        config: &str,
+        host: Host,
+    ) -> Result<Box<dyn DeviceModel>, PluginError> {
         if kind != KIND {
-            return Err(PluginError::unsupported(format!("vfio-pci plugin has no kind {kind:?}")));
+            return Err(PluginError::unsupported(format!(
+                "vfio-pci plugin has no kind {kind:?}"
+            )));
         }
         let config = config::VfioPciConfig::parse(config)?;
         Ok(Box::new(device::VfioPci::open(id, config, host)?))

@@ -52,7 +52,10 @@ pub enum MigrationError {
 
 impl MigrationError {
     fn backend(what: impl Into<String>, source: BackendError) -> Self {
-        Self::Backend { what: format!("{}: {source}", what.into()), source }
+        Self::Backend {
+            what: format!("{}: {source}", what.into()),
+            source,
+        }
     }
 }
 
@@ -82,7 +85,14 @@ impl Migration {
         } else {
             backend.mig_state().unwrap_or(MigState::Running)
         };
-        Self { flags, allow_precopy, state, saving: false, precopy: Default::default(), buf: Vec::new() }
+        Self {
+            flags,
+            allow_precopy,
+            state,
+            saving: false,
+            precopy: Default::default(),
+            buf: Vec::new(),
+        }
     }
 
     pub fn state(&self) -> MigState {
@@ -111,12 +121,18 @@ impl Migration {
             }
             Err(e) => {
                 let now = backend.mig_state().unwrap_or(MigState::Error);
-                log::warn!("vfio-pci: {} {from} -> {target} failed ({e}); device is {now}", backend.describe());
+                log::warn!(
+                    "vfio-pci: {} {from} -> {target} failed ({e}); device is {now}",
+                    backend.describe()
+                );
                 self.state = now;
                 if now == MigState::Error {
                     match backend.reset() {
                         Ok(()) => self.state = backend.mig_state().unwrap_or(MigState::Error),
-                        Err(r) => log::error!("vfio-pci: {} reset after ERROR failed: {r}", backend.describe()),
+                        Err(r) => log::error!(
+                            "vfio-pci: {} reset after ERROR failed: {r}",
+                            backend.describe()
+                        ),
                     }
                 }
                 Err(MigrationError::backend(format!("{from} -> {target}"), e))
@@ -151,11 +167,16 @@ impl Migration {
 
     pub fn pending_estimate(&self) -> PendingSize {
         let must = if self.precopy_state() {
-            self.precopy.initial_bytes.saturating_add(self.precopy.dirty_bytes)
+            self.precopy
+                .initial_bytes
+                .saturating_add(self.precopy.dirty_bytes)
         } else {
             0
         };
-        PendingSize { must_precopy: must, can_postcopy: 0 }
+        PendingSize {
+            must_precopy: must,
+            can_postcopy: 0,
+        }
     }
 
     pub fn pending_exact(&mut self, backend: &dyn VfioBackend) -> PendingSize {
@@ -168,7 +189,10 @@ impl Migration {
         });
         self.refresh_precopy(backend);
         let extra = self.pending_estimate().must_precopy;
-        PendingSize { must_precopy: stop_copy.saturating_add(extra), can_postcopy: 0 }
+        PendingSize {
+            must_precopy: stop_copy.saturating_add(extra),
+            can_postcopy: 0,
+        }
     }
 
     pub fn is_active_iterate(&self) -> bool {
@@ -178,7 +202,10 @@ impl Migration {
     /// One pre-copy block.
     pub fn save_iterate(&mut self, backend: &mut dyn VfioBackend) -> Result<SaveChunk> {
         if !self.is_active_iterate() {
-            return Ok(SaveChunk { data: Default::default(), complete: true });
+            return Ok(SaveChunk {
+                data: Default::default(),
+                complete: true,
+            });
         }
         if self.buf.len() != DATA_BUFFER_SIZE {
             self.buf = vec![0; DATA_BUFFER_SIZE];
@@ -200,7 +227,10 @@ impl Migration {
             self.precopy.dirty_bytes = self.precopy.dirty_bytes.saturating_sub(n - from_initial);
         }
         let complete = self.precopy.initial_bytes == 0 && self.precopy.dirty_bytes == 0;
-        Ok(SaveChunk { data: out.into(), complete })
+        Ok(SaveChunk {
+            data: out.into(),
+            complete,
+        })
     }
 
     pub fn vm_state_changed(&mut self, backend: &mut dyn VfioBackend, running: bool) -> Result<()> {
@@ -218,7 +248,11 @@ impl Migration {
     }
 
     /// The final section: the rest of the device data, then `config`.
-    pub fn save_complete(&mut self, backend: &mut dyn VfioBackend, config: &[u8]) -> Result<Vec<u8>> {
+    pub fn save_complete(
+        &mut self,
+        backend: &mut dyn VfioBackend,
+        config: &[u8],
+    ) -> Result<Vec<u8>> {
         if !self.supported() {
             return Err(MigrationError::NotSupported);
         }
@@ -245,7 +279,10 @@ impl Migration {
         }
         record(&mut out, FLAG_DEV_CONFIG_STATE, config);
         record(&mut out, FLAG_END_OF_STATE, &[]);
-        log::debug!("vfio-pci: {} stop-copy sent {total} bytes", backend.describe());
+        log::debug!(
+            "vfio-pci: {} stop-copy sent {total} bytes",
+            backend.describe()
+        );
         Ok(out)
     }
 
@@ -285,7 +322,10 @@ impl Migration {
         let mut config = None;
         while !data.is_empty() {
             if data.len() < 16 {
-                return Err(MigrationError::Stream(format!("{} stray bytes", data.len())));
+                return Err(MigrationError::Stream(format!(
+                    "{} stray bytes",
+                    data.len()
+                )));
             }
             let flag = u64::from_le_bytes(data[0..8].try_into().unwrap_or_default());
             let len = u64::from_le_bytes(data[8..16].try_into().unwrap_or_default());
@@ -293,7 +333,9 @@ impl Migration {
             let len = usize::try_from(len)
                 .ok()
                 .filter(|&l| l <= body.len())
-                .ok_or_else(|| MigrationError::Stream(format!("record of {len} bytes, {} left", body.len())))?;
+                .ok_or_else(|| {
+                    MigrationError::Stream(format!("record of {len} bytes, {} left", body.len()))
+                })?;
             let (payload, rest) = body.split_at(len);
             match flag {
                 FLAG_DEV_DATA_STATE => {

@@ -39,8 +39,8 @@ use dmhost_plugin_api::{
         VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_READ,
         VFIO_REGION_INFO_FLAG_WRITE,
     },
-    MigState, VfioDataStream, VfioDeviceInfo, VfioDriver, VfioError, VfioIrqInfo,
-    VfioPrecopyInfo, VfioRegionInfo,
+    MigState, VfioDataStream, VfioDeviceInfo, VfioDriver, VfioError, VfioIrqInfo, VfioPrecopyInfo,
+    VfioRegionInfo,
 };
 
 use crate::{
@@ -157,7 +157,7 @@ fn initial_config() -> [u8; CONFIG_SIZE] {
     c[0x2e..0x30].copy_from_slice(&DEVICE_ID.to_le_bytes());
     c[0x34] = MSI_CAP as u8;
     c[0x3d] = 1; // INTA#
-    // MSI: 64-bit capable, one vector.
+                 // MSI: 64-bit capable, one vector.
     c[MSI_CAP] = 0x05;
     c[MSI_CAP + 1] = VENDOR_CAP as u8;
     c[MSI_CAP + 2..MSI_CAP + 4].copy_from_slice(&0x0080u16.to_le_bytes());
@@ -220,13 +220,19 @@ pub struct SampleDevice {
 
 fn dup_fd(fd: i32) -> Result<OwnedFd, VfioError> {
     if fd < 0 {
-        return Err(VfioError::new(errno::EBADF, format!("fd {fd} is not a descriptor")));
+        return Err(VfioError::new(
+            errno::EBADF,
+            format!("fd {fd} is not a descriptor"),
+        ));
     }
     // SAFETY: F_DUPFD_CLOEXEC on a caller-provided descriptor; the kernel
     // checks it and returns a new descriptor we own, or -1.
     let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
     if new < 0 {
-        return Err(VfioError::new(errno::EBADF, format!("fd {fd}: {}", std::io::Error::last_os_error())));
+        return Err(VfioError::new(
+            errno::EBADF,
+            format!("fd {fd}: {}", std::io::Error::last_os_error()),
+        ));
     }
     // SAFETY: `new` is a fresh descriptor nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
@@ -237,13 +243,20 @@ fn signal(fd: &OwnedFd) {
     // SAFETY: writes 8 bytes from a live buffer to an eventfd we own.
     let r = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
     if r != 8 {
-        log::warn!("vendor-sample: interrupt eventfd write failed: {}", std::io::Error::last_os_error());
+        log::warn!(
+            "vendor-sample: interrupt eventfd write failed: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
 /// Consume a pending count on an eventfd without blocking.
 fn poll_eventfd(fd: &OwnedFd) -> bool {
-    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd, zero timeout.
     let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
     if ready <= 0 || pfd.revents & libc::POLLIN == 0 {
@@ -314,8 +327,16 @@ impl Inner {
             REG_PAGE_SELECT => self.regs.page_select,
             REG_PAGE_GEN | 0x2c => {
                 let i = self.regs.page_select as usize;
-                let g = if i < self.pages.count() { self.pages.generation(i) } else { u64::MAX };
-                if off == REG_PAGE_GEN { lo(g) } else { hi(g) }
+                let g = if i < self.pages.count() {
+                    self.pages.generation(i)
+                } else {
+                    u64::MAX
+                };
+                if off == REG_PAGE_GEN {
+                    lo(g)
+                } else {
+                    hi(g)
+                }
             }
             REG_DIGEST => {
                 let d = self.pages.digest();
@@ -400,7 +421,10 @@ impl SampleDevice {
                 .map_err(|e| log::warn!("vendor-sample: no background thread: {e}"))
                 .ok()
         });
-        Self { shared, thread: thread.flatten() }
+        Self {
+            shared,
+            thread: thread.flatten(),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -442,10 +466,9 @@ impl SampleDevice {
                 let session = std::mem::replace(&mut g.session, Session::None);
                 if let Session::Resume(r) = session {
                     if r.received() > 0 {
-                        let applied = r
-                            .finish(&g.pages)
-                            .map_err(|e| e.to_string())
-                            .and_then(|b| Regs::decode(&b).ok_or_else(|| "bad register block".to_owned()));
+                        let applied = r.finish(&g.pages).map_err(|e| e.to_string()).and_then(|b| {
+                            Regs::decode(&b).ok_or_else(|| "bad register block".to_owned())
+                        });
                         match applied {
                             Ok(regs) => g.regs = regs,
                             Err(e) => {
@@ -547,7 +570,9 @@ impl VfioDriver for SampleDevice {
                 data.copy_from_slice(&g.regs.config[o..o + data.len()]);
                 Ok(())
             }
-            _ => Err(VfioError::invalid(format!("region {index} is not readable"))),
+            _ => Err(VfioError::invalid(format!(
+                "region {index} is not readable"
+            ))),
         }
     }
 
@@ -556,10 +581,19 @@ impl VfioDriver for SampleDevice {
         match index {
             0 => {
                 Inner::check_range(index, BAR0_SIZE, offset, data.len())?;
-                if !matches!(g.state, MigState::Running | MigState::PreCopy | MigState::RunningP2p | MigState::PreCopyP2p) {
-                    return Err(VfioError::io(format!("device is in {}: BAR writes refused", g.state)));
+                if !matches!(
+                    g.state,
+                    MigState::Running
+                        | MigState::PreCopy
+                        | MigState::RunningP2p
+                        | MigState::PreCopyP2p
+                ) {
+                    return Err(VfioError::io(format!(
+                        "device is in {}: BAR writes refused",
+                        g.state
+                    )));
                 }
-                if offset % 4 != 0 || data.len() % 4 != 0 {
+                if !offset.is_multiple_of(4) || !data.len().is_multiple_of(4) {
                     return Err(VfioError::invalid(format!(
                         "BAR0 write {offset:#x}+{}: registers take aligned 32-bit writes",
                         data.len()
@@ -580,26 +614,35 @@ impl VfioDriver for SampleDevice {
                 }
                 Ok(())
             }
-            _ => Err(VfioError::invalid(format!("region {index} is not writable"))),
+            _ => Err(VfioError::invalid(format!(
+                "region {index} is not writable"
+            ))),
         }
     }
 
     fn irq_info(&self, index: u32) -> Result<VfioIrqInfo, VfioError> {
         let (flags, count) = match index {
-            VFIO_PCI_INTX_IRQ_INDEX => {
-                (VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_AUTOMASKED, 1)
-            }
+            VFIO_PCI_INTX_IRQ_INDEX => (
+                VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_AUTOMASKED,
+                1,
+            ),
             VFIO_PCI_MSI_IRQ_INDEX => (VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_NORESIZE, 1),
             i if i < VFIO_PCI_NUM_IRQS => (0, 0),
             _ => return Err(VfioError::invalid(format!("no irq index {index}"))),
         };
-        Ok(VfioIrqInfo { index, flags, count })
+        Ok(VfioIrqInfo {
+            index,
+            flags,
+            count,
+        })
     }
 
     fn set_irqs(&self, index: u32, action: u32, start: u32, fds: &[i32]) -> Result<(), VfioError> {
         let count = self.irq_info(index)?.count;
         if count == 0 {
-            return Err(VfioError::invalid(format!("irq index {index} has no vectors")));
+            return Err(VfioError::invalid(format!(
+                "irq index {index} has no vectors"
+            )));
         }
         if u64::from(start) + fds.len() as u64 > u64::from(count) {
             return Err(VfioError::invalid(format!(
@@ -643,7 +686,10 @@ impl VfioDriver for SampleDevice {
         g.session = Session::None;
         g.state = MigState::Running;
         let generation = g.regs.generation;
-        g.regs = Regs { generation, ..Regs::new() };
+        g.regs = Regs {
+            generation,
+            ..Regs::new()
+        };
         g.irqs.intx_masked = false;
         log::info!("vendor-sample: reset");
         Ok(())
@@ -655,7 +701,9 @@ impl VfioDriver for SampleDevice {
         let mut g = self.lock();
         let from = g.state;
         if !is_arc(from, to, self.shared.migration_flags) {
-            return Err(VfioError::invalid(format!("{from} -> {to} is not an arc of this device")));
+            return Err(VfioError::invalid(format!(
+                "{from} -> {to} is not an arc of this device"
+            )));
         }
         let r = self.arc(&mut g, to);
         log::debug!("vendor-sample: {from} -> {to}: {r:?}");
@@ -677,28 +725,40 @@ impl VfioDriver for SampleDevice {
     fn precopy_info(&self, stream: VfioDataStream) -> Result<VfioPrecopyInfo, VfioError> {
         let g = self.lock();
         if !matches!(g.state, MigState::PreCopy | MigState::PreCopyP2p) {
-            return Err(VfioError::invalid(format!("precopy info in state {}", g.state)));
+            return Err(VfioError::invalid(format!(
+                "precopy info in state {}",
+                g.state
+            )));
         }
         match &g.session {
             Session::Save(s) if s.id == stream.id => {
                 let (initial_bytes, dirty_bytes) = s.precopy_info();
-                Ok(VfioPrecopyInfo { initial_bytes, dirty_bytes })
+                Ok(VfioPrecopyInfo {
+                    initial_bytes,
+                    dirty_bytes,
+                })
             }
             _ => Err(g.stream_mismatch(stream)),
         }
     }
 
-    fn read_migration_data(&self, stream: VfioDataStream, buf: &mut [u8]) -> Result<usize, VfioError> {
+    fn read_migration_data(
+        &self,
+        stream: VfioDataStream,
+        buf: &mut [u8],
+    ) -> Result<usize, VfioError> {
         let mut g = self.lock();
         let stop_copy = g.state == MigState::StopCopy;
         let inner = &mut *g;
         let (pages, regs) = (&inner.pages, &inner.regs);
         match &mut inner.session {
-            Session::Save(s) if s.id == stream.id => match s.read(buf, pages, stop_copy, || regs.encode()) {
-                ReadOutcome::Data(n) => Ok(n),
-                ReadOutcome::End => Ok(0),
-                ReadOutcome::NothingNow => Err(VfioError::no_data()),
-            },
+            Session::Save(s) if s.id == stream.id => {
+                match s.read(buf, pages, stop_copy, || regs.encode()) {
+                    ReadOutcome::Data(n) => Ok(n),
+                    ReadOutcome::End => Ok(0),
+                    ReadOutcome::NothingNow => Err(VfioError::no_data()),
+                }
+            }
             _ => Err(inner.stream_mismatch(stream)),
         }
     }

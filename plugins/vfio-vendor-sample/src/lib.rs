@@ -28,7 +28,12 @@ impl Plugin for VendorSamplePlugin {
         Vec::new()
     }
 
-    fn create(kind: &str, _id: &str, _config: &str, _host: Host) -> Result<Box<dyn DeviceModel>, PluginError> {
+    fn create(
+        kind: &str,
+        _id: &str,
+        _config: &str,
+        _host: Host,
+    ) -> Result<Box<dyn DeviceModel>, PluginError> {
         Err(PluginError::unsupported(format!(
             "vfio-vendor-sample provides VFIO drivers, not device kinds (asked for {kind:?})"
         )))
@@ -44,9 +49,15 @@ impl Plugin for VendorSamplePlugin {
         }]
     }
 
-    fn open_vfio_driver(name: &str, config: &str, _host: Host) -> Result<Box<dyn VfioDriver>, PluginError> {
+    fn open_vfio_driver(
+        name: &str,
+        config: &str,
+        _host: Host,
+    ) -> Result<Box<dyn VfioDriver>, PluginError> {
         if name != DRIVER_NAME {
-            return Err(PluginError::unsupported(format!("vfio-vendor-sample has no driver {name:?}")));
+            return Err(PluginError::unsupported(format!(
+                "vfio-vendor-sample has no driver {name:?}"
+            )));
         }
         let config = config::SampleConfig::parse(config)?;
         log::info!("vendor-sample: open, {} state pages", config.pages());
