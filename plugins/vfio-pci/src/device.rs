@@ -396,6 +396,18 @@ impl DeviceModel for VfioPci {
                         .map_err(|e| self.err(e))?,
                 );
             }
+            // As firmware would: the placed BAR decodes from the start.
+            let cmd = self.config.command() | crate::config_space::CMD_MEM;
+            fx.extend(
+                self.config
+                    .write(0x04, &cmd.to_le_bytes())
+                    .map_err(|e| self.err(e))?,
+            );
+            let forward: Vec<_> = fx
+                .into_iter()
+                .filter(|f| matches!(f, ConfigEffect::Forward { .. }))
+                .collect();
+            self.apply_effects(&forward)?;
             self.bars.adopt(Mapping {
                 index,
                 space: IoSpace::Mmio,
