@@ -164,7 +164,9 @@ fn classify(path: &Path, e: LibraryError) -> LoadError {
             LoadError::IncompatibleVersion { path, reason: e.to_string() }
         }
         LibraryError::AbiInstability(e) => {
-            LoadError::AbiMismatch { path, summary: summarize(&e.to_string()) }
+            let report = e.to_string();
+            let summary = older_api(&report).unwrap_or_else(|| summarize(&report));
+            LoadError::AbiMismatch { path, summary }
         }
         LibraryError::InvalidAbiHeader(h) => {
             LoadError::AbiMismatch { path, summary: format!("abi_stable header {h:?}") }
@@ -174,6 +176,24 @@ fn classify(path: &Path, e: LibraryError) -> LoadError {
         }
         other => LoadError::InitFailed { path, reason: other.to_string() },
     }
+}
+
+/// abi_stable accepts a plugin built against the same or a *newer* minor
+/// plugin API than the host's (appended fields and methods are optional to
+/// it), and refuses an older one with "too many fields": say that plainly.
+fn older_api(report: &str) -> Option<String> {
+    if !report.contains("too many fields") {
+        return None;
+    }
+    let ours = <PluginModule_Ref as abi_stable::library::RootModule>::VERSION_STRINGS.version;
+    let theirs = report
+        .split("package:'dmhost-plugin-api' version:'")
+        .skip(1)
+        .filter_map(|rest| rest.split('\'').next())
+        .find(|v| *v != ours)?;
+    Some(format!(
+        "built against plugin API {theirs}, older than this host's {ours}: a plugin must be built against the host's plugin API version or a newer minor; rebuild it"
+    ))
 }
 
 /// abi_stable's layout report runs to pages; keep the lines that name what

@@ -15,14 +15,24 @@
 //! stays where it is at 1.0). Existing types never change layout; a change
 //! that needs that is a new major version.
 //!
+//! Direction of compatibility (abi_stable's layout checker, measured): a
+//! host loads plugins built against its own plugin API version **or a
+//! newer minor**. A newer plugin's appended `PluginModule` fields are
+//! invisible to an older host, and the `HostServices` methods an older host
+//! lacks answer with their default body. A plugin built against an *older*
+//! minor than the host's is refused at load ("too many fields"): the
+//! checker requires the implementation to have at least the interface's
+//! fields, so after a minor bump plugins are rebuilt.
+//!
 //! ## 1.1 (append-only)
 //!
 //! - [`PluginModule`]: `vfio_drivers` and `open_vfio_driver`, after `create`,
-//!   each `missing_field(option)`: a host reads them with the
-//!   `Option`-returning accessors, so 1.0 plugins still load.
+//!   each `missing_field(option)`: read through the `Option`-returning
+//!   accessors.
 //! - `HostServices::open_vfio_driver`, after `write_guest` (which stays the
-//!   last prefix field), with a default body that refuses: an older host's
-//!   services object answers `Unsupported` through it. Likewise
+//!   last prefix field), with a default body that refuses: a 1.1 plugin in
+//!   a 1.0 host gets `Unsupported` through it (checked: vfio-pci in a 1.0
+//!   host fails `create` cleanly with that error). Likewise
 //!   `register_msi_irqfd` / `unregister_msi_irqfd` (MSI delivery for
 //!   passthrough devices).
 //! - New types in [`vfio`]: the [`VfioDriverDevice`] contract and its data.

@@ -17,8 +17,10 @@ use crate::{
 ///
 /// This is an abi_stable prefix type: fields may only be appended after
 /// `create` (the last prefix field, frozen at 1.0), and a host reading a
-/// field that an older plugin lacks gets `None` from its accessor: every
-/// appended field is marked `#[sabi(missing_field(option))]`.
+/// field the library lacks gets `None` from its accessor: every appended
+/// field is marked `#[sabi(missing_field(option))]`. (abi_stable's load-time
+/// check admits libraries with the same or more fields than the host's
+/// interface; see the crate docs on the direction of compatibility.)
 ///
 /// Appended in 1.1: `vfio_drivers`, `open_vfio_driver`.
 #[repr(C)]
