@@ -46,6 +46,7 @@
 //! with the value written as the exit code.
 
 pub mod asm;
+pub mod bench_programs;
 pub mod migrate_verify;
 pub mod programs;
 

@@ -40,23 +40,25 @@ pub fn incoming(vm: &Vm, listener: MigrationListener) -> Result<Received, Migrat
     let ack = stream.try_clone().ok();
     let result = load(vm, stream);
     match (&result, ack) {
-        (Ok(r), Some(mut ack)) => {
+        (Ok(_), Some(mut ack)) => {
             // Resume only if the source heard us: otherwise it resumes too.
             writeln!(ack, "{ACK_OK}").and_then(|_| ack.flush()).map_err(|e| {
                 MigrationError::NoAck(format!("cannot acknowledge to the source: {e}"))
             })?;
-            log::info!(
-                "migration: received {} bytes ({} RAM batches, {} device sections) in {:.3} s",
-                r.bytes,
-                r.ram_batches,
-                r.device_sections,
-                started.elapsed().as_secs_f64()
-            );
         }
         (Err(e), Some(mut ack)) => {
             let _ = writeln!(ack, "error: {e}");
         }
         _ => {}
+    }
+    if let Ok(r) = &result {
+        log::info!(
+            "migration: received {} bytes ({} RAM batches, {} device sections) in {:.3} s",
+            r.bytes,
+            r.ram_batches,
+            r.device_sections,
+            started.elapsed().as_secs_f64()
+        );
     }
     result
 }
