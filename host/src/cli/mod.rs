@@ -1,5 +1,6 @@
 //! Command-line parsing and dispatch; each subcommand lives in its own module.
 
+mod acpi;
 mod plugins;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -27,6 +28,9 @@ pub enum Command {
     Plugins(plugins::PluginsCommand),
     /// Run a VM from a configuration file; exits with the guest's exit code.
     Run(crate::run::RunArgs),
+    /// ACPI tables of a configuration.
+    #[command(subcommand)]
+    Acpi(acpi::AcpiCommand),
 }
 
 /// Errors a subcommand reports before exiting non-zero.
@@ -47,5 +51,6 @@ pub fn run(cli: Cli) -> CliResult {
     match cli.command {
         Command::Plugins(cmd) => plugins::run(cmd, &cli.plugin_dirs, cli.verbose),
         Command::Run(args) => crate::run::run(args, &cli.plugin_dirs),
+        Command::Acpi(cmd) => acpi::run(cmd, &cli.plugin_dirs),
     }
 }
