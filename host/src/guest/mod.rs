@@ -53,6 +53,7 @@
 //! `out 0x3f8` prints a byte on the host's stdout; `out 0x501` stops the VM
 //! with the value written as the exit code.
 
+pub mod acpi_programs;
 pub mod asm;
 pub mod programs;
 

@@ -4,7 +4,7 @@
 use super::{asm::*, GuestError, GuestProgram, BOOT_INFO_ENTRIES, BOOT_INFO_MAGIC};
 
 /// Names of the built-in programs.
-pub const NAMES: &[&str] = &["demo", "hello", "hotplug", "mmio-loop"];
+pub const NAMES: &[&str] = &["demo", "hello", "hotplug", "mmio-loop", "nvdimm-acpi", "memory-hotplug"];
 
 /// The multiplier of the demo pattern (qword `i` holds `i * DEMO_MULT`).
 pub const DEMO_MULT: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -16,6 +16,8 @@ pub fn builtin(name: &str) -> Result<GuestProgram, GuestError> {
         "hello" => hello(),
         "hotplug" => hotplug(),
         "mmio-loop" => mmio_loop(),
+        "nvdimm-acpi" => super::acpi_programs::nvdimm_acpi(),
+        "memory-hotplug" => super::acpi_programs::memory_hotplug(),
         other => Err(GuestError::UnknownBuiltin(other.to_owned())),
     }
 }
