@@ -21,7 +21,7 @@ use dmhost::{
     guest::{acpi_programs, asm::*, RegPreset, DSM_PAGE_GPA},
     loader::PluginRegistry,
     testing::kvm_or_skip,
-    vm::{vcpu::VmExit, Vm},
+    vm::vcpu::VmExit,
 };
 use serde_json::{json, Value};
 

@@ -158,9 +158,13 @@ impl MemoryHotplug {
             REG_LEN_HI => (s.size >> 32) as u32,
             REG_PROXIMITY => s.node,
             REG_FLAGS => {
-                u32::from(s.enabled) * u32::from(FLAG_ENABLED)
-                    | u32::from(s.inserting) * u32::from(FLAG_INSERT)
-                    | u32::from(s.removing) * u32::from(FLAG_REMOVE)
+                let mut f = 0u8;
+                for (on, bit) in [(s.enabled, FLAG_ENABLED), (s.inserting, FLAG_INSERT), (s.removing, FLAG_REMOVE)] {
+                    if on {
+                        f |= bit;
+                    }
+                }
+                u32::from(f)
             }
             _ => 0,
         };
