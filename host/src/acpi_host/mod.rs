@@ -1,11 +1,11 @@
 //! ACPI in the VM: the host builds RSDP/XSDT/FADT/DSDT/MADT/SSDTs/NFIT from
 //! the plugged devices, places them in guest RAM at
-//! [`ACPI_GPA`](crate::guest::ACPI_GPA) (`0xE0000`, where a BIOS-style
+//! [`ACPI_GPA`] (`0xE0000`, where a BIOS-style
 //! guest scans for the RSDP), serves the NVDIMM `_DSM` doorbell and the
 //! memory-hotplug registers, and rebuilds everything on every plug/unplug.
 //!
 //! - DSDT: `\_SB.NVDR` (the NVDIMM root device, DSM page at
-//!   [`DSM_PAGE_GPA`](crate::guest::DSM_PAGE_GPA)), the memory hotplug
+//!   [`DSM_PAGE_GPA`]), the memory hotplug
 //!   controller `\_SB.MHPC` and its `PNP0C80` slots ([`memory_hotplug`]).
 //! - One SSDT per device with AML (`Device::aml()`); devices that serve
 //!   `_DSM` handles (NVDIMMs) go in `Scope (\_SB.NVDR)`, others in `\_SB`.
