@@ -299,8 +299,10 @@ impl DeviceFactory for crate::loader::PluginRegistry {
     ) -> Result<DeviceImpl, dmhost_plugin_api::PluginError> {
         use crate::loader::CreateError;
         crate::loader::PluginRegistry::create(self, kind, id, config, host).map(DeviceImpl::Plugin).map_err(|e| match e {
-            CreateError::UnknownKind(_) => dmhost_plugin_api::PluginError::unsupported(e),
-            CreateError::Plugin { source, .. } => source,
+            CreateError::UnknownKind(_) | CreateError::UnknownVfioDriver(_) => {
+                dmhost_plugin_api::PluginError::unsupported(e)
+            }
+            CreateError::Plugin { source, .. } | CreateError::VfioDriver { source, .. } => source,
         })
     }
 }

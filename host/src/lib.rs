@@ -8,6 +8,7 @@ pub mod acpi_host;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod control_client;
 pub mod devices;
 pub mod elf;
 pub mod guest;

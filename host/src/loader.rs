@@ -12,7 +12,7 @@ use std::{
 use abi_stable::library::{lib_header_from_path, LibraryError};
 use dmhost_plugin_api::{
     DeviceBox, DeviceKind, Host, LogLevel, LogSink, LogSink_TO, PluginError, PluginModule_Ref,
-    RStr,
+    RStr, VfioDriverBox, VfioDriverInfo,
 };
 
 use crate::elf::{check_shared_object, ElfError};
@@ -48,6 +48,10 @@ pub enum CreateError {
     UnknownKind(String),
     #[error("plugin {plugin} could not create {kind} {id:?}: {source}")]
     Plugin { plugin: String, kind: String, id: String, source: PluginError },
+    #[error("no loaded plugin provides a VFIO driver matching {0:?} (a driver name or vendor:device)")]
+    UnknownVfioDriver(String),
+    #[error("plugin {plugin} could not open VFIO driver {driver:?}: {source}")]
+    VfioDriver { plugin: String, driver: String, source: PluginError },
 }
 
 /// A loaded plugin library.
@@ -57,6 +61,8 @@ pub struct LoadedPlugin {
     pub name: String,
     pub version: String,
     pub kinds: Vec<DeviceKind>,
+    /// Vendor VFIO drivers (plugin API 1.1; empty for older plugins).
+    pub vfio_drivers: Vec<VfioDriverInfo>,
     pub module: PluginModule_Ref,
     /// Time to open, layout-check and initialise the library.
     pub load_time: Duration,
@@ -88,11 +94,32 @@ impl LoadedPlugin {
                 source,
             })
     }
+
+    /// Open this plugin's VFIO driver `name` (exact name) for a device
+    /// whose services are `host`.
+    pub fn open_vfio_driver(&self, name: &str, config: &str, host: Host) -> Result<VfioDriverBox, CreateError> {
+        let open = self
+            .module
+            .open_vfio_driver()
+            .ok_or_else(|| CreateError::UnknownVfioDriver(name.into()))?;
+        open(RStr::from(name), RStr::from(config), host).into_result().map_err(|source| {
+            CreateError::VfioDriver { plugin: self.name.clone(), driver: name.into(), source }
+        })
+    }
 }
 
 /// Load one library and read its metadata.
 pub fn load_library(path: &Path) -> Result<LoadedPlugin, LoadError> {
     let start = Instant::now();
+    // dlopen searches the library path for a bare file name; a file named
+    // on the command line means this directory.
+    let local;
+    let path = if path.parent().is_some_and(|p| p.as_os_str().is_empty()) {
+        local = Path::new(".").join(path);
+        local.as_path()
+    } else {
+        path
+    };
     let p = || path.to_path_buf();
     check_shared_object(path).map_err(|e| match e {
         ElfError::Unreadable(reason) => LoadError::Unreadable { path: p(), reason },
@@ -103,14 +130,16 @@ pub fn load_library(path: &Path) -> Result<LoadedPlugin, LoadError> {
     let name = module.name().to_string();
     let version = module.version().to_string();
     let kinds = (module.kinds())().into_vec();
-    if name.is_empty() || kinds.is_empty() {
+    // Optional (1.1): a 1.0 plugin has no such field and provides none.
+    let vfio_drivers = module.vfio_drivers().map(|f| f().into_vec()).unwrap_or_default();
+    if name.is_empty() || (kinds.is_empty() && vfio_drivers.is_empty()) {
         return Err(LoadError::BadMetadata {
             path: p(),
-            reason: "plugin has no name or provides no device kinds".into(),
+            reason: "plugin has no name or provides neither device kinds nor VFIO drivers".into(),
         });
     }
     (module.init_logging())(LogSink_TO::from_value(HostLogSink, abi_stable::sabi_trait::TD_Opaque), max_level());
-    Ok(LoadedPlugin { path: p(), name, version, kinds, module, load_time: start.elapsed() })
+    Ok(LoadedPlugin { path: p(), name, version, kinds, vfio_drivers, module, load_time: start.elapsed() })
 }
 
 fn classify(path: &Path, e: LibraryError) -> LoadError {
@@ -135,11 +164,10 @@ fn classify(path: &Path, e: LibraryError) -> LoadError {
             LoadError::IncompatibleVersion { path, reason: e.to_string() }
         }
         LibraryError::AbiInstability(e) => {
-            {
             let report = e.to_string();
             log::debug!("{}: full abi_stable layout report:\n{report}", path.display());
-            LoadError::AbiMismatch { path, summary: summarize(&report) }
-        }
+            let summary = older_api(&report).unwrap_or_else(|| summarize(&report));
+            LoadError::AbiMismatch { path, summary }
         }
         LibraryError::InvalidAbiHeader(h) => {
             LoadError::AbiMismatch { path, summary: format!("abi_stable header {h:?}") }
@@ -149,6 +177,24 @@ fn classify(path: &Path, e: LibraryError) -> LoadError {
         }
         other => LoadError::InitFailed { path, reason: other.to_string() },
     }
+}
+
+/// abi_stable accepts a plugin built against the same or a *newer* minor
+/// plugin API than the host's (appended fields and methods are optional to
+/// it), and refuses an older one with "too many fields": say that plainly.
+fn older_api(report: &str) -> Option<String> {
+    if !report.contains("too many fields") {
+        return None;
+    }
+    let ours = <PluginModule_Ref as abi_stable::library::RootModule>::VERSION_STRINGS.version;
+    let theirs = report
+        .split("package:'dmhost-plugin-api' version:'")
+        .skip(1)
+        .filter_map(|rest| rest.split('\'').next())
+        .find(|v| *v != ours)?;
+    Some(format!(
+        "built against plugin API {theirs}, older than this host's {ours}: a plugin must be built against the host's plugin API version or a newer minor; rebuild it"
+    ))
 }
 
 /// abi_stable's layout report runs to thousands of lines; keep each
@@ -280,6 +326,16 @@ impl PluginRegistry {
                 });
             }
         }
+        for d in &plugin.vfio_drivers {
+            if let Some((other, _)) = self.vfio_drivers().find(|(_, o)| o.name == d.name) {
+                log::warn!(
+                    "{}: VFIO driver {:?} is also provided by {}; the first loaded is used",
+                    path.display(),
+                    d.name.as_str(),
+                    other.path.display()
+                );
+            }
+        }
         let index = self.plugins.len();
         for kind in plugin.kind_names() {
             self.by_kind.insert(kind, index);
@@ -295,6 +351,23 @@ impl PluginRegistry {
 
     pub fn plugin_for(&self, kind: &str) -> Option<&LoadedPlugin> {
         self.by_kind.get(kind).map(|&i| &self.plugins[i])
+    }
+
+    /// Every vendor VFIO driver of the loaded plugins, in load order.
+    pub fn vfio_drivers(&self) -> impl Iterator<Item = (&LoadedPlugin, &VfioDriverInfo)> {
+        self.plugins.iter().flat_map(|p| p.vfio_drivers.iter().map(move |d| (p, d)))
+    }
+
+    /// Open the first vendor VFIO driver matching `matching` (a driver name
+    /// or "vvvv:dddd" PCI IDs in hex) with `config`, for the device whose
+    /// services are `host`. This is what `HostServices::open_vfio_driver`
+    /// calls.
+    pub fn open_vfio_driver(&self, matching: &str, config: &str, host: Host) -> Result<VfioDriverBox, CreateError> {
+        let (plugin, info) = self
+            .vfio_drivers()
+            .find(|(_, d)| d.matches(matching))
+            .ok_or_else(|| CreateError::UnknownVfioDriver(matching.into()))?;
+        plugin.open_vfio_driver(info.name.as_str(), config, host)
     }
 
     /// Create a device of `kind` through the plugin that provides it.

@@ -34,6 +34,10 @@ pub struct RunArgs {
     /// Stop the VM (exit status 124) if it is still running after this many seconds.
     #[arg(long)]
     pub timeout: Option<f64>,
+    /// Wait for an incoming migration (tcp:HOST:PORT, unix:PATH, or
+    /// file:PATH to restore a snapshot) instead of loading the program.
+    #[arg(long)]
+    pub incoming: Option<crate::migration::MigrationUri>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +56,8 @@ pub enum RunError {
     GuestFailed(String),
     #[error(transparent)]
     Acpi(#[from] crate::acpi_host::AcpiHostError),
+    #[error("incoming migration: {0}")]
+    Incoming(String),
 }
 
 /// One line: the error and its sources.
@@ -88,6 +94,17 @@ pub fn kvm_available() -> Result<(), String> {
     }
 }
 
+/// Load the VM from an incoming migration; the guest resumes where the
+/// source stopped it.
+fn receive(vm: &Vm, uri: &crate::migration::MigrationUri) -> Result<(), RunError> {
+    let incoming = |e: &dyn std::error::Error| RunError::Incoming(chain(e));
+    let listener = crate::migration::listen(uri).map_err(|e| incoming(&e))?;
+    // Scripts and tests read this line to learn the port of `tcp:…:0`.
+    eprintln!("dmhost: waiting for an incoming migration on {}", listener.uri());
+    crate::migration::dest::incoming(vm, listener).map_err(|e| incoming(&e))?;
+    Ok(())
+}
+
 pub fn run(args: RunArgs, extra_dirs: &[PathBuf]) -> CliResult {
     match run_vm(&args, extra_dirs) {
         Ok(code) => Ok(code),
@@ -114,14 +131,17 @@ fn run_vm(args: &RunArgs, extra_dirs: &[PathBuf]) -> Result<ExitCode, RunError> 
     }
     // ACPI tables for the boot devices; rebuilt on every hot-plug.
     let _acpi = crate::acpi_host::AcpiHost::install(&vm, config.vcpus, config.acpi.clone())?;
-    vm.load_program(&program, &config.regs)?;
-
     let commands = Arc::new(CommandRegistry::new());
     register_vm_commands(&commands, Arc::clone(&vm), Arc::clone(&registry) as Arc<dyn DeviceFactory>);
+    crate::migration::commands::register(&commands, Arc::clone(&vm));
     let _server = match &args.control {
         Some(path) => Some(ControlServer::start(path, Arc::clone(&commands))?),
         None => None,
     };
+    match &args.incoming {
+        Some(uri) => receive(&vm, uri)?,
+        None => vm.load_program(&program, &config.regs)?,
+    }
 
     vm.start()?;
     let exit = match args.timeout {

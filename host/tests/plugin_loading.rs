@@ -12,7 +12,7 @@ use dmhost_plugin_api::{ErrorKind, RSlice, RSliceMut};
 use fixtures::{build_not_a_plugin, build_scratch_plugin, doctored_plugin_api, target_debug, workspace_root};
 
 /// Plugins this workspace ships (library stems).
-const SHIPPED: &[&str] = &["pc_dimm", "nvdimm"];
+const SHIPPED: &[&str] = &["pc_dimm", "nvdimm", "testdev", "vfio_pci", "vfio_vendor_sample"];
 
 fn shipped(stem: &str) -> PathBuf {
     let p = target_debug().join(format!("lib{stem}.so"));

@@ -17,9 +17,11 @@ use abi_stable::{
 };
 
 use crate::{
+    vfio::{errno, VfioDriver, VfioDriverDevice},
     Device, DeviceBox, DeviceKind, DeviceModel, Device_TO, DsmReply, DsmRequest, ErrorKind,
     GuestRegion, Host, LogLevel, LogSinkBox, MemoryRegion, PendingSize, PlugInfo, PluginError,
-    PluginModule, PluginModule_Ref, SaveChunk,
+    PluginModule, PluginModule_Ref, SaveChunk, VfioDataStream, VfioDeviceInfo, VfioDriverBox,
+    VfioDriverDevice_TO, VfioDriverInfo, VfioError, VfioIrqInfo, VfioPrecopyInfo, VfioRegionInfo,
 };
 
 /// A plugin library, as its author writes it. Export it with
@@ -38,6 +40,22 @@ pub trait Plugin {
         config: &str,
         host: Host,
     ) -> Result<Box<dyn DeviceModel>, PluginError>;
+
+    /// The vendor VFIO drivers this library provides (ABI 1.1).
+    fn vfio_drivers() -> Vec<VfioDriverInfo> {
+        Vec::new()
+    }
+    /// Open one of [`Plugin::vfio_drivers`]; `config` is untrusted JSON text.
+    fn open_vfio_driver(
+        name: &str,
+        _config: &str,
+        _host: Host,
+    ) -> Result<Box<dyn VfioDriver>, PluginError> {
+        Err(PluginError::unsupported(format!(
+            "plugin {} provides no VFIO driver {name:?}",
+            Self::NAME
+        )))
+    }
 }
 
 /// Builds the root module for `P`. Used by [`export_plugin!`](crate::export_plugin).
@@ -48,8 +66,140 @@ pub fn root_module<P: Plugin>() -> PluginModule_Ref {
         kinds: kinds::<P>,
         init_logging,
         create: create::<P>,
+        vfio_drivers: vfio_drivers::<P>,
+        open_vfio_driver: open_vfio_driver::<P>,
     }
     .leak_into_prefix()
+}
+
+extern "C" fn vfio_drivers<P: Plugin>() -> RVec<VfioDriverInfo> {
+    catch_unwind(P::vfio_drivers).map(RVec::from).unwrap_or_default()
+}
+
+extern "C" fn open_vfio_driver<P: Plugin>(
+    name: RStr<'_>,
+    config: RStr<'_>,
+    host: Host,
+) -> RResult<VfioDriverBox, PluginError> {
+    let made = catch_unwind(AssertUnwindSafe(|| {
+        P::open_vfio_driver(name.as_str(), config.as_str(), host)
+    }));
+    match made {
+        Ok(Ok(driver)) => RResult::ROk(wrap_vfio_driver(driver, name.as_str())),
+        Ok(Err(e)) => RResult::RErr(e),
+        Err(payload) => RResult::RErr(panicked(&format!("open VFIO driver {name}"), &payload)),
+    }
+}
+
+/// Wrap a VFIO driver in the ABI object (with the panic fence).
+pub fn wrap_vfio_driver(driver: Box<dyn VfioDriver>, name: &str) -> VfioDriverBox {
+    let guarded = GuardedVfio { inner: driver, name: name.to_owned(), fenced: AtomicBool::new(false) };
+    VfioDriverDevice_TO::from_value(guarded, TD_Opaque)
+}
+
+/// A VFIO driver behind the panic fence: a panic answers `EIO` and fences
+/// the driver (its migration state then reads as ERROR).
+struct GuardedVfio {
+    inner: Box<dyn VfioDriver>,
+    name: String,
+    fenced: AtomicBool,
+}
+
+impl GuardedVfio {
+    fn call<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&dyn VfioDriver) -> Result<T, VfioError>,
+    ) -> RResult<T, VfioError> {
+        if self.fenced.load(Ordering::Relaxed) {
+            return RResult::RErr(VfioError::io(format!(
+                "VFIO driver {} is fenced after a panic",
+                self.name
+            )));
+        }
+        match catch_unwind(AssertUnwindSafe(|| f(&*self.inner))) {
+            Ok(r) => r.into(),
+            Err(payload) => {
+                self.fenced.store(true, Ordering::Relaxed);
+                let e = panicked(&format!("VFIO driver {} {what}", self.name), &*payload);
+                RResult::RErr(VfioError::new(errno::EIO, e.message))
+            }
+        }
+    }
+}
+
+impl VfioDriverDevice for GuardedVfio {
+    fn device_info(&self) -> VfioDeviceInfo {
+        self.call("device_info", |d| Ok(d.device_info())).unwrap_or_default()
+    }
+    fn region_info(&self, index: u32) -> RResult<VfioRegionInfo, VfioError> {
+        self.call("region_info", |d| d.region_info(index))
+    }
+    fn region_read(
+        &self,
+        index: u32,
+        offset: u64,
+        mut data: RSliceMut<'_, u8>,
+    ) -> RResult<(), VfioError> {
+        let buf = data.as_mut_slice();
+        self.call("region_read", |d| d.region_read(index, offset, buf))
+    }
+    fn region_write(&self, index: u32, offset: u64, data: RSlice<'_, u8>) -> RResult<(), VfioError> {
+        self.call("region_write", |d| d.region_write(index, offset, data.as_slice()))
+    }
+    fn region_mmap(&self, index: u32) -> RResult<ROption<MemoryRegion>, VfioError> {
+        self.call("region_mmap", |d| d.region_mmap(index).map(ROption::from))
+    }
+    fn irq_info(&self, index: u32) -> RResult<VfioIrqInfo, VfioError> {
+        self.call("irq_info", |d| d.irq_info(index))
+    }
+    fn set_irqs(
+        &self,
+        index: u32,
+        action: u32,
+        start: u32,
+        fds: RSlice<'_, i32>,
+    ) -> RResult<(), VfioError> {
+        self.call("set_irqs", |d| d.set_irqs(index, action, start, fds.as_slice()))
+    }
+    fn reset(&self) -> RResult<(), VfioError> {
+        self.call("reset", |d| d.reset())
+    }
+    fn set_state(&self, target: u32) -> RResult<ROption<VfioDataStream>, VfioError> {
+        self.call("set_state", |d| d.set_state(target).map(ROption::from))
+    }
+    fn get_state(&self) -> u32 {
+        self.call("get_state", |d| Ok(d.get_state())).unwrap_or(0)
+    }
+    fn stop_copy_size(&self) -> RResult<u64, VfioError> {
+        self.call("stop_copy_size", |d| d.stop_copy_size())
+    }
+    fn precopy_info(&self, stream: VfioDataStream) -> RResult<VfioPrecopyInfo, VfioError> {
+        self.call("precopy_info", |d| d.precopy_info(stream))
+    }
+    fn read_migration_data(
+        &self,
+        stream: VfioDataStream,
+        mut buf: RSliceMut<'_, u8>,
+    ) -> RResult<u64, VfioError> {
+        let b = buf.as_mut_slice();
+        self.call("read_migration_data", |d| {
+            let n = d.read_migration_data(stream, b)?;
+            if n > b.len() {
+                return Err(VfioError::io(format!("driver claims {n} bytes read into {}", b.len())));
+            }
+            Ok(n as u64)
+        })
+    }
+    fn write_migration_data(
+        &self,
+        stream: VfioDataStream,
+        buf: RSlice<'_, u8>,
+    ) -> RResult<u64, VfioError> {
+        self.call("write_migration_data", |d| {
+            d.write_migration_data(stream, buf.as_slice()).map(|n| n as u64)
+        })
+    }
 }
 
 extern "C" fn kinds<P: Plugin>() -> RVec<DeviceKind> {

@@ -14,6 +14,28 @@
 //! added after the current last ones (and the `last_prefix_field` marker
 //! stays where it is at 1.0). Existing types never change layout; a change
 //! that needs that is a new major version.
+//!
+//! Direction of compatibility (abi_stable's layout checker, measured): a
+//! host loads plugins built against its own plugin API version **or a
+//! newer minor**. A newer plugin's appended `PluginModule` fields are
+//! invisible to an older host, and the `HostServices` methods an older host
+//! lacks answer with their default body. A plugin built against an *older*
+//! minor than the host's is refused at load ("too many fields"): the
+//! checker requires the implementation to have at least the interface's
+//! fields, so after a minor bump plugins are rebuilt.
+//!
+//! ## 1.1 (append-only)
+//!
+//! - [`PluginModule`]: `vfio_drivers` and `open_vfio_driver`, after `create`,
+//!   each `missing_field(option)`: read through the `Option`-returning
+//!   accessors.
+//! - `HostServices::open_vfio_driver`, after `write_guest` (which stays the
+//!   last prefix field), with a default body that refuses: a 1.1 plugin in
+//!   a 1.0 host gets `Unsupported` through it (checked: vfio-pci in a 1.0
+//!   host fails `create` cleanly with that error). Likewise
+//!   `register_msi_irqfd` / `unregister_msi_irqfd` (MSI delivery for
+//!   passthrough devices).
+//! - New types in [`vfio`]: the [`VfioDriverDevice`] contract and its data.
 
 // abi_stable's derive and sabi_trait macros generate these patterns.
 #![allow(non_local_definitions, non_camel_case_types)]
@@ -26,6 +48,7 @@ mod logging;
 mod module;
 mod services;
 mod types;
+pub mod vfio;
 
 pub use abi_stable;
 pub use abi_stable::std_types::{RResult, RSlice, RSliceMut, RStr, RString, RVec};
@@ -39,6 +62,10 @@ pub use services::{
 pub use types::{
     DeviceKind, DsmReply, DsmRequest, GuestRegion, LogLevel, MemoryRegion, PendingSize,
     PlugInfo, SaveChunk,
+};
+pub use vfio::{
+    MigState, VfioDataStream, VfioDeviceInfo, VfioDriver, VfioDriverBox, VfioDriverDevice,
+    VfioDriverDevice_TO, VfioDriverInfo, VfioError, VfioIrqInfo, VfioPrecopyInfo, VfioRegionInfo,
 };
 
 /// Parse a plugin's JSON config into `T`, mapping errors to `InvalidConfig`

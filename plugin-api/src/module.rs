@@ -9,13 +9,20 @@ use abi_stable::{
     StableAbi,
 };
 
-use crate::{DeviceBox, DeviceKind, Host, LogLevel, LogSinkBox, PluginError};
+use crate::{
+    DeviceBox, DeviceKind, Host, LogLevel, LogSinkBox, PluginError, VfioDriverBox, VfioDriverInfo,
+};
 
 /// A plugin library's entry points.
 ///
 /// This is an abi_stable prefix type: fields may only be appended after
 /// `create` (the last prefix field, frozen at 1.0), and a host reading a
-/// field that an older plugin lacks gets `None` from its accessor.
+/// field the library lacks gets `None` from its accessor: every appended
+/// field is marked `#[sabi(missing_field(option))]`. (abi_stable's load-time
+/// check admits libraries with the same or more fields than the host's
+/// interface; see the crate docs on the direction of compatibility.)
+///
+/// Appended in 1.1: `vfio_drivers`, `open_vfio_driver`.
 #[repr(C)]
 #[derive(StableAbi)]
 #[sabi(kind(Prefix(prefix_ref = PluginModule_Ref)))]
@@ -37,6 +44,19 @@ pub struct PluginModule {
         config: RStr<'_>,
         host: Host,
     ) -> RResult<DeviceBox, PluginError>,
+
+    // ---- 1.1: appended after the last prefix field (optional) ----
+    /// The vendor VFIO drivers this library provides (may be empty).
+    #[sabi(missing_field(option))]
+    pub vfio_drivers: extern "C" fn() -> RVec<VfioDriverInfo>,
+    /// Open the vendor VFIO driver `name` with `config` (JSON text); `host`
+    /// is the services object of the device that uses it (DMA, logging).
+    #[sabi(missing_field(option))]
+    pub open_vfio_driver: extern "C" fn(
+        name: RStr<'_>,
+        config: RStr<'_>,
+        host: Host,
+    ) -> RResult<VfioDriverBox, PluginError>,
 }
 
 impl RootModule for PluginModule_Ref {

@@ -10,7 +10,7 @@ use abi_stable::{
     StableAbi,
 };
 
-use crate::{LogLevel, MemoryRegion, PluginError};
+use crate::{LogLevel, MemoryRegion, PluginError, VfioDriverBox};
 
 /// Port or memory-mapped I/O.
 #[repr(u8)]
@@ -56,6 +56,40 @@ pub trait HostServices: Send + Sync + Clone {
     /// Write guest memory (DMA).
     #[sabi(last_prefix_field)]
     fn write_guest(&self, gpa: u64, buf: RSlice<'_, u8>) -> RResult<(), PluginError>;
+
+    // ---- 1.1: appended after the last prefix field. Each has a default
+    // body, which is also what a caller gets from a host built before it.
+
+    /// Open a vendor VFIO driver from the loaded plugins: `matching` is a
+    /// driver name or "vvvv:dddd" (PCI vendor:device, hex); `config` is the
+    /// driver's JSON configuration. The driver gets this device's services.
+    fn open_vfio_driver(
+        &self,
+        matching: RStr<'_>,
+        config: RStr<'_>,
+    ) -> RResult<VfioDriverBox, PluginError> {
+        let _ = config;
+        RResult::RErr(PluginError::unsupported(format!(
+            "this host cannot open vendor VFIO drivers (asked for {matching:?})"
+        )))
+    }
+
+    /// Deliver the MSI message (`address`, `data`) whenever `fd` (an
+    /// eventfd) is written: on KVM an MSI route plus an irqfd. Registering
+    /// the same `fd` again updates its message.
+    fn register_msi_irqfd(&self, fd: i32, address: u64, data: u32) -> RResult<(), PluginError> {
+        let _ = (address, data);
+        RResult::RErr(PluginError::unsupported(format!(
+            "this host has no MSI routing (eventfd {fd})"
+        )))
+    }
+
+    /// Undo `register_msi_irqfd`.
+    fn unregister_msi_irqfd(&self, fd: i32) -> RResult<(), PluginError> {
+        RResult::RErr(PluginError::unsupported(format!(
+            "this host has no MSI routing (eventfd {fd})"
+        )))
+    }
 }
 
 /// The host-services object type a device holds.

@@ -3,24 +3,24 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use dmhost_plugin_api::{
-    DeviceBox, DsmRequest, ErrorKind, PlugInfo, PluginError, PluginModule_Ref, RSlice, RSliceMut,
-    RStr,
+    DeviceBox, DsmRequest, ErrorKind, PlugInfo, PluginError, RSlice, RSliceMut, RStr,
 };
 
 use crate::{
     fuzz::Rng,
     nfit::check_nfit,
     suite_host::{SuiteHost, SUITE_REGION_GPA},
-    CheckResult,
+    CheckResult, Target,
 };
 
 type Check = Result<(), String>;
 
 /// Run every check on `module`.
-pub fn run_all(module: PluginModule_Ref) -> Vec<CheckResult> {
+pub fn run_all(module: Target<'_>) -> Vec<CheckResult> {
     let mut results = vec![run("metadata", || metadata(module))];
+    results.extend(crate::vfio::run_all(module));
     results.push(run("unknown-kind", || unknown_kind(module)));
-    let kinds = catch_unwind(|| (module.kinds())().into_vec()).unwrap_or_default();
+    let kinds = catch_unwind(|| (module.module.kinds())().into_vec()).unwrap_or_default();
     for kind in kinds {
         let k = kind.name.to_string();
         let cfg = kind.default_config.to_string();
@@ -40,7 +40,7 @@ pub fn run_all(module: PluginModule_Ref) -> Vec<CheckResult> {
     results
 }
 
-fn run(name: &str, check: impl FnOnce() -> Check) -> CheckResult {
+pub(crate) fn run(name: &str, check: impl FnOnce() -> Check) -> CheckResult {
     let outcome = catch_unwind(AssertUnwindSafe(check))
         .unwrap_or_else(|_| Err("the check itself panicked (see stderr)".into()));
     CheckResult { name: name.to_owned(), passed: outcome.is_ok(), detail: outcome.err().unwrap_or_default() }
@@ -56,16 +56,16 @@ struct Dut {
     host: SuiteHost,
 }
 
-fn create(module: PluginModule_Ref, kind: &str, config: &str) -> Result<Dut, String> {
-    let host = SuiteHost::new();
-    let dev = (module.create())(RStr::from(kind), RStr::from("dut0"), RStr::from(config), host.host())
+fn create(module: Target<'_>, kind: &str, config: &str) -> Result<Dut, String> {
+    let host = SuiteHost::with_drivers(module.drivers);
+    let dev = (module.module.create())(RStr::from(kind), RStr::from("dut0"), RStr::from(config), host.host())
         .into_result()
         .map_err(|e| format!("create with config {config}: {}", err_text(&e)))?;
     Ok(Dut { dev, host })
 }
 
 /// Create and plug, with the device's region "placed" at the suite's GPA.
-fn plugged(module: PluginModule_Ref, kind: &str, config: &str) -> Result<Dut, String> {
+fn plugged(module: Target<'_>, kind: &str, config: &str) -> Result<Dut, String> {
     let mut d = create(module, kind, config)?;
     let region = d.dev.memory_region().into_option();
     if let Some(r) = region {
@@ -76,19 +76,32 @@ fn plugged(module: PluginModule_Ref, kind: &str, config: &str) -> Result<Dut, St
     Ok(d)
 }
 
-fn metadata(module: PluginModule_Ref) -> Check {
-    let name = module.name();
+fn metadata(module: Target<'_>) -> Check {
+    let name = module.module.name();
     if name.is_empty() {
         return Err("plugin name is empty".into());
     }
-    let version = module.version();
+    let version = module.module.version();
     let parts: Vec<&str> = version.split(['.', '-', '+']).take(3).collect();
     if parts.len() < 3 || parts.iter().any(|p| p.parse::<u64>().is_err()) {
         return Err(format!("version {version:?} is not semver (x.y.z)"));
     }
-    let kinds = catch_unwind(|| (module.kinds())().into_vec()).map_err(|_| "kinds() panicked")?;
-    if kinds.is_empty() {
-        return Err("plugin provides no device kinds".into());
+    let kinds = catch_unwind(|| (module.module.kinds())().into_vec()).map_err(|_| "kinds() panicked")?;
+    let drivers = crate::vfio::drivers_of(module.module);
+    if kinds.is_empty() && drivers.is_empty() {
+        return Err("plugin provides neither device kinds nor VFIO drivers".into());
+    }
+    let mut driver_names = std::collections::BTreeSet::new();
+    for d in &drivers {
+        let n = d.name.as_str();
+        if n.is_empty() || !n.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-') {
+            return Err(format!("VFIO driver name {n:?} must be non-empty lowercase [a-z0-9-]"));
+        }
+        if !driver_names.insert(n.to_owned()) {
+            return Err(format!("VFIO driver {n:?} listed twice"));
+        }
+        serde_json::from_str::<serde_json::Value>(d.default_config.as_str())
+            .map_err(|e| format!("VFIO driver {n}: default config is not JSON: {e}"))?;
     }
     let mut names = std::collections::BTreeSet::new();
     for k in &kinds {
@@ -105,7 +118,7 @@ fn metadata(module: PluginModule_Ref) -> Check {
     Ok(())
 }
 
-fn unknown_kind(module: PluginModule_Ref) -> Check {
+fn unknown_kind(module: Target<'_>) -> Check {
     match create(module, "no-such-kind-for-conformance", "{}") {
         Ok(_) => Err("creating an unknown kind succeeded".into()),
         Err(e) if e.contains("Panicked") => Err(e),
@@ -113,10 +126,10 @@ fn unknown_kind(module: PluginModule_Ref) -> Check {
     }
 }
 
-fn malformed_config(module: PluginModule_Ref, kind: &str) -> Check {
+fn malformed_config(module: Target<'_>, kind: &str) -> Check {
     for bad in ["{", "[1, 2", "42", "\"text\"", "{\"size\": {\"nested\": []}}"] {
-        let host = SuiteHost::new();
-        let r = (module.create())(RStr::from(kind), RStr::from("dut0"), RStr::from(bad), host.host());
+        let host = SuiteHost::with_drivers(module.drivers);
+        let r = (module.module.create())(RStr::from(kind), RStr::from("dut0"), RStr::from(bad), host.host());
         match r.into_result() {
             Ok(_) => return Err(format!("malformed config {bad:?} was accepted")),
             Err(e) if e.kind == ErrorKind::Panicked => {
@@ -131,7 +144,7 @@ fn malformed_config(module: PluginModule_Ref, kind: &str) -> Check {
     Ok(())
 }
 
-fn memory_region(module: PluginModule_Ref, kind: &str, config: &str) -> Check {
+fn memory_region(module: Target<'_>, kind: &str, config: &str) -> Check {
     let d = create(module, kind, config)?;
     let Some(region) = d.dev.memory_region().into_option() else {
         return Ok(());
@@ -180,7 +193,7 @@ fn memory_region(module: PluginModule_Ref, kind: &str, config: &str) -> Check {
     Ok(())
 }
 
-fn plug_unplug(module: PluginModule_Ref, kind: &str, config: &str) -> Check {
+fn plug_unplug(module: Target<'_>, kind: &str, config: &str) -> Check {
     let mut d = plugged(module, kind, config)?;
     let info = PlugInfo { region_gpa: d.dev.memory_region().into_option().map(|_| SUITE_REGION_GPA).into() };
     match d.dev.plug(info).into_result() {
@@ -227,7 +240,7 @@ fn save_all(dev: &mut DeviceBox) -> Result<Vec<Vec<u8>>, String> {
     Ok(sections)
 }
 
-fn migration_round_trip(module: PluginModule_Ref, kind: &str, config: &str) -> Check {
+fn migration_round_trip(module: Target<'_>, kind: &str, config: &str) -> Check {
     let mut src = plugged(module, kind, config)?;
     let version = src.dev.state_version();
     let sections = save_all(&mut src.dev)?;
@@ -239,8 +252,12 @@ fn migration_round_trip(module: PluginModule_Ref, kind: &str, config: &str) -> C
         dst.dev.load_state(version, RSlice::from(&s[..])).into_result().map_err(|x| e("load_state", x))?;
     }
     dst.dev.load_cleanup().into_result().map_err(|x| e("load_cleanup", x))?;
+    // Both sides are stopped now: saving each again must give the same
+    // final state (a device that pre-copied sent only its remainder last
+    // time, so compare re-saves rather than the first save).
     let again = save_all(&mut dst.dev)?;
-    if again.last() != sections.last() {
+    let again_src = save_all(&mut src.dev)?;
+    if again.last() != again_src.last() {
         return Err("state saved from the destination differs from the source's".into());
     }
 
@@ -254,7 +271,7 @@ fn migration_round_trip(module: PluginModule_Ref, kind: &str, config: &str) -> C
     }
 }
 
-fn acpi_fragments(module: PluginModule_Ref, kind: &str, config: &str) -> Check {
+fn acpi_fragments(module: Target<'_>, kind: &str, config: &str) -> Check {
     let mut d = plugged(module, kind, config)?;
     let nfit = d.dev.nfit_structures().into_result().map_err(|e| format!("nfit_structures: {}", err_text(&e)))?;
     check_nfit(&nfit)?;
@@ -269,7 +286,7 @@ fn acpi_fragments(module: PluginModule_Ref, kind: &str, config: &str) -> Check {
     Ok(())
 }
 
-fn untrusted_input(module: PluginModule_Ref, kind: &str, config: &str) -> Check {
+fn untrusted_input(module: Target<'_>, kind: &str, config: &str) -> Check {
     let mut d = plugged(module, kind, config)?;
     let mut rng = Rng::new(0x5eed_1234_abcd);
     let mut handles = d.dev.dsm_handles().into_vec();

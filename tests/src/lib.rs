@@ -8,6 +8,7 @@ mod checks;
 pub mod fuzz;
 pub mod nfit;
 pub mod suite_host;
+pub mod vfio;
 
 use std::fmt;
 
@@ -55,9 +56,24 @@ impl fmt::Display for Report {
     }
 }
 
-/// Run the conformance checks on a loaded plugin.
+/// The library under test and the libraries whose vendor VFIO drivers its
+/// devices may open (`HostServices::open_vfio_driver` in the host double).
+#[derive(Clone, Copy)]
+pub struct Target<'a> {
+    pub module: PluginModule_Ref,
+    pub drivers: &'a [PluginModule_Ref],
+}
+
+/// Run the conformance checks on a loaded plugin. Its devices can open
+/// the VFIO drivers the library itself exports.
 pub fn check_module(target: &str, module: PluginModule_Ref) -> Report {
+    check_module_with(target, module, &[module])
+}
+
+/// Run the conformance checks on a loaded plugin whose devices can open
+/// the VFIO drivers of `drivers` (the host loads the libraries beside it).
+pub fn check_module_with(target: &str, module: PluginModule_Ref, drivers: &[PluginModule_Ref]) -> Report {
     let mut results = vec![CheckResult { name: "load".into(), passed: true, detail: String::new() }];
-    results.extend(checks::run_all(module));
+    results.extend(checks::run_all(Target { module, drivers }));
     Report { target: target.into(), results }
 }

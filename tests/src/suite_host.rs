@@ -16,7 +16,8 @@ use dmhost_plugin_api::{
         sabi_trait::TD_Opaque,
         std_types::{RArc, RResult, RSlice, RSliceMut, RStr},
     },
-    Host, HostServices, HostServices_TO, IoSpace, MemoryRegion, PluginError,
+    Host, HostServices, HostServices_TO, IoSpace, MemoryRegion, PluginError, PluginModule_Ref,
+    VfioDriverBox,
 };
 
 /// Guest-physical base the suite plugs device regions at.
@@ -28,6 +29,8 @@ pub struct Recorded {
     pub io: BTreeSet<(IoSpace, u64, u64)>,
     pub ram: BTreeMap<String, MemoryRegion>,
     pub irqfds: BTreeSet<(u32, i32)>,
+    /// MSI eventfds and their (address, data).
+    pub msi: BTreeMap<i32, (u64, u32)>,
     pub dirty: Vec<(String, u64, u64)>,
     pub physmap_denied: u32,
     /// The device's own guest range, set by the suite before plug.
@@ -41,6 +44,7 @@ impl Recorded {
         let mut v: Vec<String> = self.io.iter().map(|r| format!("I/O range {r:?}")).collect();
         v.extend(self.ram.keys().map(|k| format!("RAM {k:?}")));
         v.extend(self.irqfds.iter().map(|r| format!("irqfd {r:?}")));
+        v.extend(self.msi.keys().map(|fd| format!("MSI irqfd {fd}")));
         v
     }
 }
@@ -48,6 +52,8 @@ impl Recorded {
 #[derive(Clone, Default)]
 pub struct SuiteHost {
     pub state: Arc<Mutex<Recorded>>,
+    /// Libraries whose VFIO drivers `open_vfio_driver` may open.
+    pub drivers: Arc<Vec<PluginModule_Ref>>,
 }
 
 impl SuiteHost {
@@ -55,6 +61,12 @@ impl SuiteHost {
         let s = Self::default();
         s.state.lock().unwrap().guest = vec![0; GUEST_MEM];
         s
+    }
+
+    /// A host double that opens vendor VFIO drivers from `drivers`, as the
+    /// real host does from every loaded plugin.
+    pub fn with_drivers(drivers: &[PluginModule_Ref]) -> Self {
+        Self { drivers: Arc::new(drivers.to_vec()), ..Self::new() }
     }
 
     pub fn host(&self) -> Host {
@@ -157,6 +169,37 @@ impl HostServices for SuiteHost {
             let r = guest_range(buf.len(), gpa)?;
             s.guest[r].copy_from_slice(buf.as_slice());
             Ok(())
+        })
+    }
+    fn open_vfio_driver(&self, matching: RStr<'_>, config: RStr<'_>) -> RResult<VfioDriverBox, PluginError> {
+        for module in self.drivers.iter() {
+            for d in crate::vfio::drivers_of(*module) {
+                if !d.matches(matching.as_str()) {
+                    continue;
+                }
+                let Some(open) = module.open_vfio_driver() else { continue };
+                return open(d.name.as_rstr(), config, self.host());
+            }
+        }
+        RResult::RErr(PluginError::unsupported(format!(
+            "no library beside the one under test provides VFIO driver {matching:?}"
+        )))
+    }
+    fn register_msi_irqfd(&self, fd: i32, address: u64, data: u32) -> RResult<(), PluginError> {
+        self.with(|s| {
+            if fd < 0 {
+                return Err(PluginError::denied(format!("MSI irqfd {fd} is not a descriptor")));
+            }
+            s.msi.insert(fd, (address, data));
+            Ok(())
+        })
+    }
+    fn unregister_msi_irqfd(&self, fd: i32) -> RResult<(), PluginError> {
+        self.with(|s| {
+            s.msi
+                .remove(&fd)
+                .map(drop)
+                .ok_or_else(|| PluginError::denied(format!("MSI irqfd {fd} not registered")))
         })
     }
 }

@@ -1,6 +1,7 @@
 //! Command-line parsing and dispatch; each subcommand lives in its own module.
 
 mod acpi;
+mod migrate;
 mod plugins;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -31,6 +32,8 @@ pub enum Command {
     /// ACPI tables of a configuration.
     #[command(subcommand)]
     Acpi(acpi::AcpiCommand),
+    /// Migrate a running VM (through its control socket) to another host process.
+    Migrate(migrate::MigrateArgs),
 }
 
 /// Errors a subcommand reports before exiting non-zero.
@@ -52,5 +55,6 @@ pub fn run(cli: Cli) -> CliResult {
         Command::Plugins(cmd) => plugins::run(cmd, &cli.plugin_dirs, cli.verbose),
         Command::Run(args) => crate::run::run(args, &cli.plugin_dirs),
         Command::Acpi(cmd) => acpi::run(cmd, &cli.plugin_dirs),
+        Command::Migrate(args) => migrate::run(args),
     }
 }

@@ -35,6 +35,9 @@ fn list(extra_dirs: &[PathBuf], verbose: u8) -> CliResult {
     let elapsed = start.elapsed();
     for p in registry.plugins() {
         println!("{:<12} {:<8} kinds={:<20} {}", p.name, p.version, p.kind_names().join(","), p.path.display());
+        for d in &p.vfio_drivers {
+            println!("{:>12} vfio driver {} ({:04x}:{:04x})", "", d.name, d.vendor_id, d.device_id);
+        }
         if verbose > 0 {
             println!("{:>12} loaded and ABI-checked in {:.3} ms", "", p.load_time.as_secs_f64() * 1e3);
         }
@@ -58,7 +61,18 @@ fn check(libraries: &[PathBuf]) -> CliResult {
     for lib in libraries {
         let target = lib.display().to_string();
         let report = match load_library(lib) {
-            Ok(plugin) => abi_suite::check_module(&target, plugin.module),
+            Ok(plugin) => {
+                // Vendor VFIO drivers the library's devices may open come
+                // from the libraries beside it, as a host would load them.
+                let dir = match lib.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                    _ => PathBuf::from("."),
+                };
+                let (siblings, _) = PluginRegistry::discover(&[dir]);
+                let mut drivers = vec![plugin.module];
+                drivers.extend(siblings.plugins().iter().map(|p| p.module));
+                abi_suite::check_module_with(&target, plugin.module, &drivers)
+            }
             Err(e) => abi_suite::Report::load_failure(&target, &e.to_string()),
         };
         print!("{report}");

@@ -55,6 +55,8 @@
 
 pub mod acpi_programs;
 pub mod asm;
+pub mod bench_programs;
+pub mod migrate_verify;
 pub mod programs;
 
 use std::{collections::BTreeMap, path::Path};

@@ -45,6 +45,8 @@ pub struct StreamWriter<W: Write> {
     bytes: u64,
     /// Reused per RAM batch: section header, block id, count, entries.
     head: Vec<u8>,
+    /// Reused per RAM batch: a snapshot of the page data being sent.
+    bounce: Vec<u8>,
     /// Reused per RAM batch: (page index, zero) of the batch.
     entries: Vec<PageEntry>,
 }
@@ -65,6 +67,7 @@ impl<W: Write> StreamWriter<W> {
                 SECTION_HEADER_LEN + 1 + MAX_STRING_LEN + 4 + 8 * MAX_PAGES_PER_BATCH,
             ),
             entries: Vec::with_capacity(MAX_PAGES_PER_BATCH),
+            bounce: Vec::with_capacity(CHUNK),
         };
         let mut h = [0u8; STREAM_HEADER_LEN];
         h[..8].copy_from_slice(&MAGIC);
@@ -234,31 +237,36 @@ impl<W: Write> StreamWriter<W> {
             head.extend_from_slice(&e.0.to_le_bytes());
         }
 
-        // Contiguous runs of data pages, cut into chunks, written in groups
-        // of about CHUNK bytes: each group is checksummed right before it
-        // goes to the kernel, so the kernel copies it from the cache.
-        let mut slices: Vec<IoSlice<'_>> =
-            Vec::with_capacity(2 + data_pages.min(CHUNK / PAGE_SIZE));
-        slices.push(IoSlice::new(&head));
-        let mut group = head.len();
+        // Guest memory changes under us while the VM runs, so each piece
+        // is copied into a bounce buffer first: the checksum and the bytes
+        // sent are of the same snapshot (a page changed meanwhile is dirty
+        // and goes again in a later round).
         let mut crc = crc32c::crc32c(&head[SECTION_HEADER_LEN..]);
+        self.out.write_all(&head)?;
+        let mut bounce = std::mem::take(&mut self.bounce);
+        bounce.clear();
         let runs = RunIter {
             entries: entries.iter(),
             pending: None,
         };
         for (s, end) in runs {
-            let r = &mem[s..end];
-            crc = crc32c::crc32c_append(crc, r);
-            slices.push(IoSlice::new(r));
-            group += r.len();
-            if group >= CHUNK {
-                write_all_vectored(&mut self.out, &mut slices)?;
-                slices.clear();
-                group = 0;
+            let mut at = s;
+            while at < end {
+                let n = (end - at).min(CHUNK - bounce.len());
+                bounce.extend_from_slice(&mem[at..at + n]);
+                at += n;
+                if bounce.len() == CHUNK {
+                    crc = crc32c::crc32c_append(crc, &bounce);
+                    self.out.write_all(&bounce)?;
+                    bounce.clear();
+                }
             }
         }
-        write_all_vectored(&mut self.out, &mut slices)?;
-        drop(slices);
+        if !bounce.is_empty() {
+            crc = crc32c::crc32c_append(crc, &bounce);
+            self.out.write_all(&bounce)?;
+        }
+        self.bounce = bounce;
         // Buffered: goes out with the next section.
         self.out.write_all(&crc.to_le_bytes())?;
         self.head = head;
@@ -358,8 +366,9 @@ impl<W: Write> StreamWriter<W> {
         Ok(())
     }
 
-    /// Write the end section, flush, and hand back the transport.
-    pub fn finish(mut self) -> Result<W, StreamError> {
+    /// Write the end section and flush; the transport stays open (its
+    /// return path may still be in use).
+    pub fn write_end(&mut self) -> Result<(), StreamError> {
         let count = self.sections;
         self.put_section(section_type::END, 0, &[&count.to_le_bytes()])?;
         self.out.flush()?;
@@ -368,6 +377,12 @@ impl<W: Write> StreamWriter<W> {
             self.sections,
             self.bytes
         );
+        Ok(())
+    }
+
+    /// Write the end section, flush, and hand back the transport.
+    pub fn finish(mut self) -> Result<W, StreamError> {
+        self.write_end()?;
         self.out
             .into_inner()
             .map_err(|e| StreamError::Io(e.into_error()))

@@ -14,7 +14,7 @@ use std::{io, ops::Range, os::fd::RawFd};
 /// whole range as data: correct, just slower.
 pub fn populated(fd: RawFd, offset: u64, len: u64) -> io::Result<Vec<Range<u64>>> {
     if fd < 0 {
-        return Ok(vec![0..len]);
+        return Ok(whole(len));
     }
     let end = offset + len;
     let mut out = Vec::new();
@@ -24,7 +24,7 @@ pub fn populated(fd: RawFd, offset: u64, len: u64) -> io::Result<Vec<Range<u64>>
             Ok(d) => d,
             // ENXIO: no data at or after `pos`.
             Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(vec![0..len]),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(whole(len)),
             Err(e) => return Err(e),
         };
         if data >= end {
@@ -35,6 +35,11 @@ pub fn populated(fd: RawFd, offset: u64, len: u64) -> io::Result<Vec<Range<u64>>
         pos = hole;
     }
     Ok(out)
+}
+
+/// The whole range, as one extent.
+fn whole(len: u64) -> Vec<Range<u64>> {
+    std::iter::once(0..len).collect()
 }
 
 fn seek(fd: RawFd, pos: u64, whence: libc::c_int) -> io::Result<u64> {

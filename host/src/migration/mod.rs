@@ -18,7 +18,13 @@
 //!   device sections to the device's `load_state(version, data)`.
 
 pub mod bench;
+pub mod commands;
 mod compat;
+pub mod dest;
+pub mod device_ops;
+pub mod machine;
+pub mod progress;
+pub mod source;
 mod decode;
 mod encode;
 pub mod extents;

@@ -642,6 +642,11 @@ impl Vm {
         self.shared.write_guest(gpa, buf)
     }
 
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> u32 {
+        lock(&self.vcpus).len() as u32
+    }
+
     /// Exits handled so far (port and MMIO), for statistics.
     pub fn exit_count(&self) -> u64 {
         self.control.exits.load(Ordering::Relaxed)

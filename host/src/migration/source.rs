@@ -1,0 +1,380 @@
+//! The source side of pre-copy live migration.
+//!
+//! Round 0 sends every populated page of every RAM block (holes of the
+//! memfds are skipped without being read); each later round sends the pages
+//! dirtied meanwhile (KVM's dirty log plus pages devices and the host wrote)
+//! and lets devices with live state iterate. When what is left fits the
+//! downtime budget at the measured bandwidth (or after `max_rounds`), the
+//! vCPUs stop, the last pages, every device's final state and the vCPU
+//! state go out, and the destination's acknowledgement completes it.
+//! Any failure before that acknowledgement resumes the guest here: the
+//! source loses nothing.
+
+use std::{
+    io::{BufRead, BufReader},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use dmhost_plugin_api::PluginError;
+
+use crate::{
+    devices::HostDevice,
+    vm::{ramblocks::RamBlock, Vm, VmError},
+};
+
+use super::{
+    connect,
+    device_ops::MigrationOps,
+    extents::{dirty_pages, populated},
+    machine::{block_bytes, config_section, devices, VcpuPayload},
+    progress::{Progress, Status},
+    DeviceStage, MigrationStream, MigrationUri, StreamError, StreamWriter, TransportError,
+    PAGE_SIZE,
+};
+
+/// Why a migration failed. The source VM keeps running after any of them.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("migration stream: {0}")]
+    Stream(#[from] StreamError),
+    #[error("VM: {0}")]
+    Vm(#[from] VmError),
+    #[error("device {id}: {what} failed: {source}")]
+    Device { id: String, what: &'static str, source: PluginError },
+    #[error("cancelled")]
+    Cancelled,
+    #[error("the destination refused the migration: {0}")]
+    Refused(String),
+    #[error("no acknowledgement from the destination: {0}")]
+    NoAck(String),
+    #[error("dirty pages of {block}: {source}")]
+    Scan { block: String, source: std::io::Error },
+    #[error("vCPU state encoding: {0}")]
+    Encode(String),
+    #[error("{0}")]
+    Incoming(String),
+}
+
+/// What a finished migration measured.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub rounds: u32,
+    pub bytes: u64,
+    pub total_time: Duration,
+    pub downtime: Duration,
+}
+
+/// Pages sent per stream call: the granularity of progress, bandwidth
+/// limiting and cancellation.
+const PAGES_PER_STEP: u64 = 1024;
+/// Longest wait for the destination to load and acknowledge.
+const ACK_TIMEOUT: Duration = Duration::from_secs(60);
+/// The acknowledgement line a destination sends once it has loaded
+/// everything, before it resumes the guest.
+pub const ACK_OK: &str = "loaded";
+
+fn dev_err<'a>(d: &'a HostDevice, what: &'static str) -> impl FnOnce(PluginError) -> MigrationError + 'a {
+    move |source| MigrationError::Device { id: d.id.clone(), what, source }
+}
+
+struct Sender<'a> {
+    vm: &'a Vm,
+    progress: &'a Progress,
+    out: StreamWriter<MigrationStream>,
+    blocks: Vec<RamBlock>,
+    devices: Vec<Arc<HostDevice>>,
+    /// Bytes written in the current rate window and its start.
+    window: (u64, Instant),
+    pages: Vec<u64>,
+}
+
+/// Migrate `vm` to `uri`. On success the source VM stays paused (QEMU's
+/// "postmigrate"); on failure it runs again.
+pub fn migrate(vm: &Vm, uri: &MigrationUri, progress: &Progress) -> Result<Summary, MigrationError> {
+    let started = Instant::now();
+    let stream = connect(uri)?;
+    let ack = match stream.try_clone() {
+        Ok(s) => Some(s),
+        Err(TransportError::NoReturnPath) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let mut s = Sender {
+        vm,
+        progress,
+        out: StreamWriter::new(stream)?,
+        blocks: vm.ram_blocks(),
+        devices: devices(vm),
+        window: (0, Instant::now()),
+        pages: Vec::new(),
+    };
+    let total: u64 = s.blocks.iter().map(|b| b.size).sum();
+    progress.update(|st| st.total = total);
+    vm.enable_dirty_logging(true)?;
+    let refusal = ack.as_ref().and_then(|a| a.try_clone().ok());
+    let result = s.run(ack, started).map_err(|e| explain(e, refusal));
+    if let Err(e) = vm.enable_dirty_logging(false) {
+        log::warn!("migration: turning dirty logging off: {e}");
+    }
+    for d in &s.devices {
+        d.lock().save_cleanup();
+    }
+    if result.is_err() && vm.paused() {
+        for d in &s.devices {
+            if let Err(e) = d.lock().vm_state_changed(true) {
+                log::warn!("migration: device {} on resume: {e}", d.id);
+            }
+        }
+        vm.resume();
+        log::warn!("migration failed; the guest runs on here");
+    }
+    result
+}
+
+impl Sender<'_> {
+    fn run(&mut self, ack: Option<MigrationStream>, started: Instant) -> Result<Summary, MigrationError> {
+        let params = self.progress.params();
+        self.out.write_config(&config_section(self.vm))?;
+        // Start from a clean log: everything is sent in round 0 anyway.
+        for b in &self.blocks {
+            self.vm.get_and_clear_block_dirty(&b.name)?;
+        }
+        for d in &self.devices {
+            d.lock().save_setup().map_err(dev_err(d, "save_setup"))?;
+        }
+        self.progress.set_status(Status::Active);
+
+        // Round 0: every populated page.
+        let round_start = Instant::now();
+        for b in self.blocks.clone() {
+            let extents = populated(b.fd, b.fd_offset, b.size)
+                .map_err(|source| MigrationError::Scan { block: b.name.clone(), source })?;
+            for e in extents {
+                self.send_range(&b, e.start / PAGE_SIZE as u64..e.end / PAGE_SIZE as u64)?;
+            }
+        }
+        self.iterate_devices()?;
+        let mut last_round = round_start.elapsed();
+        log::info!("migration: round 0 sent {} bytes in {:.3} s", self.out.bytes_written(), last_round.as_secs_f64());
+
+        let mut round = 0;
+        loop {
+            round += 1;
+            let t = Instant::now();
+            let dirty = self.send_dirty()?;
+            self.iterate_devices()?;
+            let elapsed = t.elapsed().max(Duration::from_micros(1));
+            let pending_devices = self.pending_devices(false)?;
+            let bw = self.bandwidth();
+            // What would be left to send with the VM stopped: the pages
+            // dirtied during this round, at the rate they were dirtied.
+            let pending = dirty * PAGE_SIZE as u64 + pending_devices;
+            let expected = Duration::from_secs_f64(pending as f64 / bw.max(1) as f64);
+            let rate = (dirty as f64 / last_round.max(elapsed).as_secs_f64()) as u64;
+            last_round = elapsed;
+            self.progress.update(|st| {
+                st.round = round;
+                st.remaining = pending;
+                st.dirty_rate = rate;
+                st.bandwidth = bw;
+                st.expected_downtime_ms = expected.as_millis() as u64;
+            });
+            log::info!(
+                "migration: round {round}: {dirty} dirty pages, {pending} bytes pending, {:.0} MB/s, expected downtime {} ms",
+                bw as f64 / 1e6,
+                expected.as_millis()
+            );
+            if expected <= params.max_downtime {
+                // Devices confirm with their exact figure before we stop.
+                let exact = self.pending_devices(true)?;
+                if dirty * PAGE_SIZE as u64 + exact <= bw.saturating_mul(params.max_downtime.as_millis() as u64) / 1000 {
+                    break;
+                }
+            }
+            if round >= params.max_rounds {
+                log::warn!("migration: not converged after {round} rounds; forcing the switch-over");
+                break;
+            }
+        }
+        let summary = self.switch_over(ack, round, started)?;
+        Ok(summary)
+    }
+
+    /// Stop the guest, send what is left, wait for the destination.
+    fn switch_over(&mut self, ack: Option<MigrationStream>, rounds: u32, started: Instant) -> Result<Summary, MigrationError> {
+        let stop = Instant::now();
+        self.vm.pause()?;
+        self.progress.set_status(Status::Device);
+        for d in &self.devices {
+            d.lock().vm_state_changed(false).map_err(dev_err(d, "vm_state_changed(stop)"))?;
+        }
+        self.send_dirty()?;
+        for d in &self.devices {
+            let mut dev = d.lock();
+            let version = dev.state_version();
+            let data = dev.save_live_complete_precopy().map_err(dev_err(d, "save_live_complete_precopy"))?;
+            self.out.write_device(&d.kind, &d.id, version, DeviceStage::Complete, &data)?;
+        }
+        let mut vm_state = Some(self.vm.save_vm_state()?);
+        for (i, vcpu) in self.vm.save_vcpu_state()?.into_iter().enumerate() {
+            let payload = VcpuPayload { vcpu, vm: vm_state.take() };
+            let data = serde_json::to_vec(&payload).map_err(|e| MigrationError::Encode(e.to_string()))?;
+            self.out.write_vcpu(i as u32, &data)?;
+        }
+        let bytes = self.out.bytes_written();
+        self.out.write_end()?;
+        if let Some(ack) = ack {
+            wait_ack(ack)?;
+        }
+        let downtime = stop.elapsed();
+        self.progress.update(|st| {
+            st.transferred = bytes;
+            st.remaining = 0;
+            st.downtime_ms = Some(downtime.as_millis() as u64);
+        });
+        log::info!("migration: completed, {bytes} bytes, downtime {:.1} ms", downtime.as_secs_f64() * 1e3);
+        Ok(Summary { rounds, bytes, total_time: started.elapsed(), downtime })
+    }
+
+    /// Send the pages dirtied since the last call; returns how many.
+    fn send_dirty(&mut self) -> Result<u64, MigrationError> {
+        let mut count = 0;
+        for b in self.blocks.clone() {
+            let bitmap = self.vm.get_and_clear_block_dirty(&b.name)?;
+            let mut pages = std::mem::take(&mut self.pages);
+            pages.clear();
+            dirty_pages(&bitmap, &mut pages);
+            count += pages.len() as u64;
+            for chunk in pages.chunks(PAGES_PER_STEP as usize) {
+                self.check_cancel()?;
+                // SAFETY: the block stays registered for the migration (its
+                // device cannot be removed while the VM's device list is
+                // held by the engine); concurrent guest writes are re-sent.
+                let mem = unsafe { block_bytes(&b) };
+                let st = self.out.write_ram_pages(&b.name, mem, chunk)?;
+                self.account(st);
+            }
+            self.pages = pages;
+        }
+        Ok(count)
+    }
+
+    fn send_range(&mut self, b: &RamBlock, pages: std::ops::Range<u64>) -> Result<(), MigrationError> {
+        let mut at = pages.start;
+        while at < pages.end {
+            self.check_cancel()?;
+            let end = (at + PAGES_PER_STEP).min(pages.end);
+            // SAFETY: as in `send_dirty`.
+            let mem = unsafe { block_bytes(b) };
+            let st = self.out.write_ram_range(&b.name, mem, at..end)?;
+            self.account(st);
+            at = end;
+        }
+        Ok(())
+    }
+
+    fn iterate_devices(&mut self) -> Result<(), MigrationError> {
+        for d in &self.devices {
+            let mut dev = d.lock();
+            if !dev.is_active_iterate() {
+                continue;
+            }
+            let version = dev.state_version();
+            let chunk = dev.save_live_iterate().map_err(dev_err(d, "save_live_iterate"))?;
+            if !chunk.data.is_empty() {
+                self.out.write_device(&d.kind, &d.id, version, DeviceStage::Iterate, &chunk.data)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn pending_devices(&mut self, exact: bool) -> Result<u64, MigrationError> {
+        let mut sum = 0u64;
+        for d in &self.devices {
+            let mut dev = d.lock();
+            let p = if exact {
+                dev.state_pending_exact().map_err(dev_err(d, "state_pending_exact"))?
+            } else {
+                dev.state_pending_estimate().map_err(dev_err(d, "state_pending_estimate"))?
+            };
+            sum = sum.saturating_add(p.must_precopy).saturating_add(p.can_postcopy);
+        }
+        Ok(sum)
+    }
+
+    fn account(&mut self, st: super::RamStats) {
+        let transferred = self.out.bytes_written();
+        self.progress.update(|s| {
+            s.transferred = transferred;
+            s.pages_sent += st.pages - st.zero_pages;
+            s.zero_pages += st.zero_pages;
+        });
+        self.window.0 += st.bytes;
+        let limit = self.progress.params().max_bandwidth;
+        if limit > 0 {
+            // Sleep off any excess over the limit in this window.
+            let due = Duration::from_secs_f64(self.window.0 as f64 / limit as f64);
+            let elapsed = self.window.1.elapsed();
+            if due > elapsed {
+                std::thread::sleep(due - elapsed);
+            }
+        }
+    }
+
+    /// Measured bytes per second since the last call (at least one page per
+    /// millisecond, so a quiet round does not divide by zero).
+    fn bandwidth(&mut self) -> u64 {
+        let (bytes, since) = self.window;
+        let secs = since.elapsed().as_secs_f64().max(1e-3);
+        self.window = (0, Instant::now());
+        ((bytes as f64 / secs) as u64).max(PAGE_SIZE as u64 * 1000)
+    }
+
+    fn check_cancel(&self) -> Result<(), MigrationError> {
+        if self.progress.cancelled() {
+            Err(MigrationError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// A write that failed because the destination hung up may have a reason
+/// waiting on the return path (it says why before closing): prefer it.
+fn explain(e: MigrationError, ret: Option<MigrationStream>) -> MigrationError {
+    let (MigrationError::Stream(StreamError::Io(_)), Some(ret)) = (&e, ret) else {
+        return e;
+    };
+    let timeout = Some(Duration::from_secs(2));
+    match &ret {
+        MigrationStream::Tcp(s) => drop(s.set_read_timeout(timeout)),
+        MigrationStream::Unix(s) => drop(s.set_read_timeout(timeout)),
+        _ => {}
+    }
+    let mut line = String::new();
+    match BufReader::new(ret).read_line(&mut line) {
+        Ok(_) if line.starts_with("error: ") => MigrationError::Refused(line["error: ".len()..].trim_end().to_owned()),
+        _ => e,
+    }
+}
+
+/// Wait for the destination's "loaded" line on the return path.
+fn wait_ack(stream: MigrationStream) -> Result<(), MigrationError> {
+    if let MigrationStream::Tcp(s) = &stream {
+        let _ = s.set_read_timeout(Some(ACK_TIMEOUT));
+    }
+    if let MigrationStream::Unix(s) = &stream {
+        let _ = s.set_read_timeout(Some(ACK_TIMEOUT));
+    }
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .map_err(|e| MigrationError::NoAck(e.to_string()))?;
+    match line.trim_end() {
+        ACK_OK => Ok(()),
+        "" => Err(MigrationError::NoAck("the connection closed".into())),
+        other => Err(MigrationError::Refused(other.strip_prefix("error: ").unwrap_or(other).to_owned())),
+    }
+}
