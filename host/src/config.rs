@@ -5,6 +5,8 @@
 //! vcpus = 1
 //! program = "builtin:demo"    # or a path to a flat 64-bit binary
 //! plugin-dirs = ["plugins"]   # searched besides the default directories
+//! memory-slots = 8            # ACPI memory hotplug slots (PNP0C80), 1..=256
+//! nfit-platform-capabilities = 3  # NFIT platform capabilities bits (0 = none)
 //!
 //! [regs]                      # registers preset at entry (optional)
 //! r8 = 0xd0000000
@@ -49,6 +51,8 @@ pub struct VmFileConfig {
     pub devices: Vec<DeviceConfig>,
     /// Directory of the config file (for relative paths).
     pub base_dir: PathBuf,
+    /// ACPI settings.
+    pub acpi: crate::acpi_host::AcpiConfig,
 }
 
 /// One `[[device]]`.
@@ -81,6 +85,8 @@ struct Raw {
     regs: BTreeMap<String, i64>,
     #[serde(default)]
     device: Vec<RawDevice>,
+    memory_slots: Option<u32>,
+    nfit_platform_capabilities: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -147,6 +153,14 @@ impl VmFileConfig {
             };
             devices.push(DeviceConfig { kind: d.kind, id: d.id, config, isolation });
         }
+        let mut acpi = crate::acpi_host::AcpiConfig::default();
+        if let Some(n) = raw.memory_slots {
+            if !(1..=crate::acpi_host::memory_hotplug::MAX_SLOTS).contains(&n) {
+                return Err(invalid(format!("memory-slots must be 1..=256, got {n}")));
+            }
+            acpi.memory_slots = n;
+        }
+        acpi.nfit_platform_capabilities = raw.nfit_platform_capabilities.unwrap_or(0);
         let plugin_dirs = raw.plugin_dirs.into_iter().map(|p| if p.is_relative() { base_dir.join(p) } else { p }).collect();
         Ok(Self {
             ram_size,
@@ -156,6 +170,7 @@ impl VmFileConfig {
             regs,
             devices,
             base_dir: base_dir.to_path_buf(),
+            acpi,
         })
     }
 }
@@ -201,6 +216,7 @@ config = { size = "2M", share = false }
             "program = \"x\"\n[[device]]\nkind=\"a\"\nid=\"a\"\n[[device]]\nkind=\"a\"\nid=\"a\"",
             "program = \"x\"\n[[device]]\nkind=\"a\"\nid=\"a\"\nconfig = 3",
             "program = \"x\"\n[[device]]\nkind=\"a\"\nid=\"a\"\nisolation = \"process\"",
+            "program = \"x\"\nmemory-slots = 0",
             "[[[",
         ] {
             let e = VmFileConfig::parse(bad, "t.toml", Path::new("")).unwrap_err().to_string();

@@ -4,6 +4,7 @@
 //! migration; every device is a plugin library loaded through
 //! [`dmhost_plugin_api`].
 
+pub mod acpi_host;
 pub mod cli;
 pub mod config;
 pub mod control;

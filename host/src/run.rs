@@ -54,12 +54,14 @@ pub enum RunError {
     Vm(String),
     #[error("the guest failed: {0}")]
     GuestFailed(String),
+    #[error(transparent)]
+    Acpi(#[from] crate::acpi_host::AcpiHostError),
     #[error("incoming migration: {0}")]
     Incoming(String),
 }
 
 /// One line: the error and its sources.
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(c) = src {
@@ -127,6 +129,8 @@ fn run_vm(args: &RunArgs, extra_dirs: &[PathBuf]) -> Result<ExitCode, RunError> 
     for d in &config.devices {
         vm.add_device(&d.kind, &d.id, |host| DeviceFactory::create(&*registry, &d.kind, &d.id, &d.config, host))?;
     }
+    // ACPI tables for the boot devices; rebuilt on every hot-plug.
+    let _acpi = crate::acpi_host::AcpiHost::install(&vm, config.vcpus, config.acpi.clone())?;
     let commands = Arc::new(CommandRegistry::new());
     register_vm_commands(&commands, Arc::clone(&vm), Arc::clone(&registry) as Arc<dyn DeviceFactory>);
     crate::migration::commands::register(&commands, Arc::clone(&vm));

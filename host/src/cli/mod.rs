@@ -1,5 +1,6 @@
 //! Command-line parsing and dispatch; each subcommand lives in its own module.
 
+mod acpi;
 mod migrate;
 mod plugins;
 
@@ -28,6 +29,9 @@ pub enum Command {
     Plugins(plugins::PluginsCommand),
     /// Run a VM from a configuration file; exits with the guest's exit code.
     Run(crate::run::RunArgs),
+    /// ACPI tables of a configuration.
+    #[command(subcommand)]
+    Acpi(acpi::AcpiCommand),
     /// Migrate a running VM (through its control socket) to another host process.
     Migrate(migrate::MigrateArgs),
 }
@@ -50,6 +54,7 @@ pub fn run(cli: Cli) -> CliResult {
     match cli.command {
         Command::Plugins(cmd) => plugins::run(cmd, &cli.plugin_dirs, cli.verbose),
         Command::Run(args) => crate::run::run(args, &cli.plugin_dirs),
+        Command::Acpi(cmd) => acpi::run(cmd, &cli.plugin_dirs),
         Command::Migrate(args) => migrate::run(args),
     }
 }

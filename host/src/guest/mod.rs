@@ -11,12 +11,17 @@
 //! | `0x6000` | IDT (empty: interrupts cannot be delivered on this host) |
 //! | `0x7000` | 64-bit TSS with an all-zero I/O bitmap (port I/O allowed) |
 //! | `0xA000` | [boot info page](BOOT_INFO_GPA) |
+//! | `0xB000` | [NVDIMM DSM page](DSM_PAGE_GPA) (4 KiB, reserved: shared by the `_DSM` AML and the host) |
 //! | `0x10000` | 16 page directories, 2 MiB pages: identity map of 0..16 GiB |
-//! | `..0x100000` | stack (grows down from `0x100000`) |
+//! | `..0xE0000` | stacks (vCPU 0 grows down from [`STACK_TOP`] = `0xE0000`, each further vCPU 64 KiB lower) |
+//! | `0xE0000..0x100000` | [ACPI tables](ACPI_GPA): RSDP at `0xE0000` (where a BIOS-style guest scans for it), then XSDT, FADT, DSDT, MADT, SSDTs, NFIT |
 //! | `0x100000` | the program, entry at its first byte |
 //!
 //! Device regions are placed in the hotplug window `4 GiB..16 GiB`, MMIO
 //! registers usually in `0xC000_0000..4 GiB`; all of it is identity mapped.
+//! The ACPI tables and the DSM page are only written when the host runs
+//! with ACPI (`dmhost run`; [`crate::acpi_host`]); until then they are
+//! plain RAM.
 //!
 //! # Boot info page (`BOOT_INFO_GPA`, little endian)
 //!
@@ -28,6 +33,9 @@
 //! | 0x10 | u32 generation: incremented after every plug/unplug, once the table is updated |
 //! | 0x14 | u32 number of device entries |
 //! | 0x18 | u64 hotplug window base, 0x20 u64 its end |
+//! | 0x28 | u64 RSDP address (0 = no ACPI tables) |
+//! | 0x30 | u64 NVDIMM DSM page address (0 = none); the doorbell is port `0x0a18` |
+//! | 0x38 | u16 memory-hotplug I/O base port (0 = none), 0x3a u16 its slot count |
 //! | 0x40 | entries, [`BOOT_INFO_ENTRY_SIZE`] bytes each, at most [`BOOT_INFO_MAX_DEVICES`] |
 //!
 //! Entry: `+0x00` id (24 bytes, NUL padded, truncated), `+0x18` kind (16
@@ -45,6 +53,7 @@
 //! `out 0x3f8` prints a byte on the host's stdout; `out 0x501` stops the VM
 //! with the value written as the exit code.
 
+pub mod acpi_programs;
 pub mod asm;
 pub mod bench_programs;
 pub mod migrate_verify;
@@ -66,7 +75,14 @@ pub const TSS_GPA: u64 = 0x7000;
 pub const TSS_LIMIT: u64 = 0x68 + 8192;
 pub const BOOT_INFO_GPA: u64 = 0xA000;
 pub const PD_GPA: u64 = 0x10000;
-pub const STACK_TOP: u64 = 0x10_0000;
+/// The NVDIMM DSM page: guest RAM the guest must not use otherwise.
+pub const DSM_PAGE_GPA: u64 = 0xB000;
+/// Where the ACPI image (RSDP first) goes: the BIOS area a guest scans.
+pub const ACPI_GPA: u64 = 0xE0000;
+/// End of the ACPI area.
+pub const ACPI_END: u64 = 0x10_0000;
+/// Top of vCPU 0's stack, just below the ACPI area.
+pub const STACK_TOP: u64 = ACPI_GPA;
 /// Where the program is loaded and entered.
 pub const CODE_GPA: u64 = 0x10_0000;
 /// Guest-physical space the page tables map (identity, 2 MiB pages).
@@ -84,6 +100,11 @@ pub const BOOT_INFO_VERSION: u32 = 1;
 pub const BOOT_INFO_ENTRIES: u64 = 0x40;
 pub const BOOT_INFO_ENTRY_SIZE: u64 = 0x40;
 pub const BOOT_INFO_MAX_DEVICES: usize = 63;
+/// Boot-info offsets of the ACPI fields (see the module docs).
+pub const BOOT_INFO_RSDP: u64 = 0x28;
+pub const BOOT_INFO_DSM_PAGE: u64 = 0x30;
+pub const BOOT_INFO_MHP_PORT: u64 = 0x38;
+pub const BOOT_INFO_MHP_SLOTS: u64 = 0x3a;
 
 /// Selectors: PVM hard-wires Linux's `__USER_CS`/`__USER_DS`.
 pub const SEL_USER_DATA: u16 = 0x2b;
@@ -112,6 +133,8 @@ pub enum GuestError {
     Vcpu { what: &'static str, source: kvm_ioctls::Error },
     #[error("unknown register {0:?} in the register preset")]
     BadRegister(String),
+    #[error("vCPU {0}'s stack would overlap the page tables (too many vCPUs for this guest layout)")]
+    StackSpace(u32),
 }
 
 /// A flat 64-bit program, loaded at [`CODE_GPA`] and entered at its start.
@@ -289,9 +312,13 @@ pub fn setup_vcpu(vcpu: &VcpuFd, index: u32, preset: &RegPreset) -> Result<(), G
     s.cr4 = 0x20 | 0x200 | 0x400; // PAE | OSFXSR | OSXMMEXCPT
     s.efer = 0x500 | 0x1; // LMA | LME | SCE
     vcpu.set_sregs(&s).map_err(err("KVM_SET_SREGS"))?;
+    let rsp = STACK_TOP
+        .checked_sub(u64::from(index) * STACK_PER_VCPU)
+        .filter(|&sp| sp >= PD_GPA + (MAPPED_LIMIT >> 30) * 4096 + STACK_PER_VCPU)
+        .ok_or(GuestError::StackSpace(index))?;
     let mut regs = kvm_regs {
         rip: CODE_GPA,
-        rsp: STACK_TOP - u64::from(index) * STACK_PER_VCPU,
+        rsp,
         rdi: BOOT_INFO_GPA,
         rsi: index.into(),
         // IOPL 3, IF clear (this host cannot deliver interrupts to the guest).
@@ -339,10 +366,32 @@ pub fn write_boot_info(ram: &GuestRam, devices: &[BootDevice], generation: u32) 
         page[o + 0x38..o + 0x40].copy_from_slice(&d.mmio_base.to_le_bytes());
     }
     // Everything but the generation first; x86 keeps store order, so a guest
-    // that sees the new generation sees the new table.
-    ram.write(BOOT_INFO_GPA + 0x18, &page[0x18..])?;
+    // that sees the new generation sees the new table. 0x28..0x40 (the ACPI
+    // fields, [`write_boot_acpi`]) are left alone.
+    ram.write(BOOT_INFO_GPA + 0x18, &page[0x18..0x28])?;
+    ram.write(BOOT_INFO_GPA + BOOT_INFO_ENTRIES, &page[BOOT_INFO_ENTRIES as usize..])?;
     ram.write(BOOT_INFO_GPA, &page[..0x10])?;
     ram.write(BOOT_INFO_GPA + 0x14, &page[0x14..0x18])?;
     ram.write(BOOT_INFO_GPA + 0x10, &generation.to_le_bytes())?;
+    Ok(())
+}
+
+/// The ACPI fields of the boot-info page.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BootAcpi {
+    pub rsdp_gpa: u64,
+    pub dsm_page_gpa: u64,
+    pub mhp_port: u16,
+    pub mhp_slots: u16,
+}
+
+/// Write the ACPI fields of the boot-info page (kept by [`write_boot_info`]).
+pub fn write_boot_acpi(ram: &GuestRam, acpi: &BootAcpi) -> Result<(), GuestError> {
+    let mut b = [0u8; 0x18];
+    b[0..8].copy_from_slice(&acpi.rsdp_gpa.to_le_bytes());
+    b[8..16].copy_from_slice(&acpi.dsm_page_gpa.to_le_bytes());
+    b[16..18].copy_from_slice(&acpi.mhp_port.to_le_bytes());
+    b[18..20].copy_from_slice(&acpi.mhp_slots.to_le_bytes());
+    ram.write(BOOT_INFO_GPA + BOOT_INFO_RSDP, &b)?;
     Ok(())
 }

@@ -4,7 +4,8 @@
 use super::{asm::*, GuestError, GuestProgram, BOOT_INFO_ENTRIES, BOOT_INFO_MAGIC};
 
 /// Names of the built-in programs.
-pub const NAMES: &[&str] = &["demo", "fill-idle", "hello", "hotplug", "idle", "migrate-verify", "mmio-loop"];
+pub const NAMES: &[&str] =
+    &["demo", "fill-idle", "hello", "hotplug", "idle", "memory-hotplug", "migrate-verify", "mmio-loop", "nvdimm-acpi"];
 
 /// The multiplier of the demo pattern (qword `i` holds `i * DEMO_MULT`).
 pub const DEMO_MULT: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -16,6 +17,8 @@ pub fn builtin(name: &str) -> Result<GuestProgram, GuestError> {
         "hello" => hello(),
         "hotplug" => hotplug(),
         "mmio-loop" => mmio_loop(),
+        "nvdimm-acpi" => super::acpi_programs::nvdimm_acpi(),
+        "memory-hotplug" => super::acpi_programs::memory_hotplug(),
         "migrate-verify" => super::migrate_verify::program(),
         "idle" => super::bench_programs::idle(),
         "fill-idle" => super::bench_programs::fill_idle(),

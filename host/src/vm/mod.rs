@@ -170,6 +170,11 @@ impl VmConfig {
     }
 }
 
+/// Called after every plug/unplug (and program load), before the
+/// boot-info generation is bumped: a guest that sees the new generation
+/// sees what the listener updated (ACPI tables, memory-hotplug registers).
+pub type DeviceListener = Arc<dyn Fn(&Vm) + Send + Sync>;
+
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u32 = 64;
 
@@ -184,6 +189,7 @@ pub struct Vm {
     generation: AtomicU32,
     loaded: std::sync::atomic::AtomicBool,
     msr_indices: Vec<u32>,
+    listeners: Mutex<Vec<DeviceListener>>,
 }
 
 fn valid_id(id: &str) -> bool {
@@ -241,6 +247,7 @@ impl Vm {
             generation: AtomicU32::new(0),
             loaded: false.into(),
             msr_indices,
+            listeners: Mutex::new(Vec::new()),
         };
         vm.update_boot_info()?;
         Ok(vm)
@@ -600,7 +607,16 @@ impl Vm {
         self.generation.load(Ordering::Acquire)
     }
 
+    /// Add a [`DeviceListener`].
+    pub fn on_devices_changed(&self, listener: DeviceListener) {
+        lock(&self.listeners).push(listener);
+    }
+
     fn update_boot_info(&self) -> Result<(), VmError> {
+        let listeners = lock(&self.listeners).clone();
+        for l in listeners {
+            l(self);
+        }
         let list: Vec<BootDevice> = self
             .devices()
             .into_iter()
