@@ -134,6 +134,7 @@ fn run_vm(args: &RunArgs, extra_dirs: &[PathBuf]) -> Result<ExitCode, RunError> 
     let commands = Arc::new(CommandRegistry::new());
     register_vm_commands(&commands, Arc::clone(&vm), Arc::clone(&registry) as Arc<dyn DeviceFactory>);
     crate::migration::commands::register(&commands, Arc::clone(&vm));
+    crate::migration::debug_commands::register(&commands, Arc::clone(&vm));
     let _server = match &args.control {
         Some(path) => Some(ControlServer::start(path, Arc::clone(&commands))?),
         None => None,

@@ -24,16 +24,21 @@ fn dmhost() -> Command {
 
 /// A small migrate-verify VM: 64 MiB RAM, a 16 MiB pc-dimm, a 4 MiB NVDIMM.
 fn write_config(dir: &Path, rounds: u64, with_nvdimm: bool) -> PathBuf {
+    let name = if with_nvdimm { "vm.toml" } else { "vm-no-nvdimm.toml" };
+    write_config_with(dir, name, rounds, with_nvdimm.then_some("{ size = \"4M\" }"))
+}
+
+fn write_config_with(dir: &Path, name: &str, rounds: u64, nvdimm: Option<&str>) -> PathBuf {
     common::plugin_path("pc_dimm");
     common::plugin_path("nvdimm");
     let mut cfg = format!(
         "ram = \"64M\"\nprogram = \"builtin:migrate-verify\"\n[regs]\nr12 = {rounds}\nr13 = 20000000\nr14 = 16\n\
          [[device]]\nkind = \"pc-dimm\"\nid = \"dimm0\"\nconfig = {{ size = \"16M\" }}\n"
     );
-    if with_nvdimm {
-        cfg.push_str("[[device]]\nkind = \"nvdimm\"\nid = \"nv0\"\nconfig = { size = \"4M\" }\n");
+    if let Some(nv) = nvdimm {
+        cfg.push_str(&format!("[[device]]\nkind = \"nvdimm\"\nid = \"nv0\"\nconfig = {nv}\n"));
     }
-    let p = dir.join(if with_nvdimm { "vm.toml" } else { "vm-no-nvdimm.toml" });
+    let p = dir.join(name);
     std::fs::write(&p, cfg).unwrap();
     p
 }
@@ -75,7 +80,13 @@ impl Vm {
 
     /// A destination listening on a free port; returns it and its URI.
     fn destination(config: &Path, uri: &str) -> (Self, String) {
-        let (vm, rx) = Self::spawn(&["--incoming", uri], config);
+        Self::destination_with(config, uri, &[])
+    }
+
+    fn destination_with(config: &Path, uri: &str, extra: &[&str]) -> (Self, String) {
+        let mut args = vec!["--incoming", uri];
+        args.extend_from_slice(extra);
+        let (vm, rx) = Self::spawn(&args, config);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("destination did not listen");
@@ -238,5 +249,51 @@ fn incompatible_destination_refuses_and_the_source_runs_on() {
     assert!(err.iter().any(|l| l.contains("incompatible configuration")), "{err:?}");
     // The source guest finishes its own rounds.
     let (code, out, err) = src.finish(Duration::from_secs(60));
+    assert_verified(code, &out, &err, rounds);
+}
+
+#[test]
+fn nvdimm_label_area_migrates_though_the_guest_cannot_see_it() {
+    if !kvm_or_skip("nvdimm_label_area_migrates_though_the_guest_cannot_see_it") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let rounds = 400;
+    // The source's NVDIMM is a shared file whose label area (its last
+    // 128 KiB) holds a pattern; the destination's is a fresh memfd, so only
+    // the migration can bring the labels over.
+    let (size, label) = (4usize << 20, 128usize << 10);
+    let mut image = vec![0u8; size];
+    for (i, b) in image[size - label..].iter_mut().enumerate() {
+        *b = (i * 7 + 3) as u8;
+    }
+    let want = crc32c::crc32c(&image[size - label..]);
+    let file = dir.path().join("nv0.img");
+    std::fs::write(&file, &image).unwrap();
+    let src_cfg = write_config_with(
+        dir.path(),
+        "src.toml",
+        rounds,
+        Some(&format!("{{ size = \"4M\", mem-path = \"{}\", share = true }}", file.display())),
+    );
+    let dst_cfg = write_config_with(dir.path(), "dst.toml", rounds, Some("{ size = \"4M\" }"));
+    let dsock = dir.path().join("dst.sock");
+    let (dst, uri) = Vm::destination_with(&dst_cfg, "tcp:127.0.0.1:0", &["--control", dsock.to_str().unwrap()]);
+    let (src, sock) = source(dir.path(), &src_cfg);
+    let out = migrate(&sock, &uri, &["--keep-source"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let digest = |sock: &Path| {
+        let mut c = ControlClient::connect(sock).unwrap();
+        let r = c
+            .execute("x-query-ram-digest", json!({"block": "nv0/ram", "offset": size - label, "length": label}))
+            .unwrap();
+        r["crc32c"].as_u64().unwrap() as u32
+    };
+    assert_eq!(digest(&sock), want, "source label area");
+    assert_eq!(digest(&dsock), want, "destination label area");
+    ControlClient::connect(&sock).unwrap().execute("quit", json!({})).unwrap();
+    assert_eq!(src.finish(Duration::from_secs(20)).0, 0);
+    let (code, out, err) = dst.finish(Duration::from_secs(60));
     assert_verified(code, &out, &err, rounds);
 }

@@ -20,6 +20,7 @@
 pub mod bench;
 pub mod commands;
 mod compat;
+pub mod debug_commands;
 pub mod dest;
 pub mod device_ops;
 pub mod machine;
