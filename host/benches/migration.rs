@@ -226,10 +226,8 @@ fn row(name: &str, o: &Outcome) {
 }
 
 fn main() {
-    for lib in ["pc_dimm"] {
-        let p = target_dir().join(format!("lib{lib}.so"));
-        assert!(p.exists(), "{} missing: cargo build --release --workspace first", p.display());
-    }
+    let p = target_dir().join("libpc_dimm.so");
+    assert!(p.exists(), "{} missing: cargo build --release --workspace first", p.display());
     if std::fs::metadata("/dev/kvm").is_err() {
         println!("SKIPPED: no /dev/kvm");
         return;
