@@ -23,6 +23,7 @@ mod compat;
 pub mod dest;
 pub mod device_ops;
 pub mod machine;
+pub mod postcopy;
 pub mod progress;
 pub mod source;
 mod decode;
