@@ -100,6 +100,14 @@ pub fn run(args: MigrateArgs) -> CliResult {
         if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
             break q;
         }
+        if status == "postcopy-paused" {
+            bar.finish_and_clear();
+            eprintln!(
+                "dmhost migrate: post-copy paused ({}); the guest waits on the destination: run `migrate-recover` there, then `dmhost migrate --resume`",
+                q["postcopy-paused-reason"].as_str().unwrap_or("connection lost")
+            );
+            return Ok(ExitCode::from(2));
+        }
         let due = match args.postcopy_after {
             Some(PostcopyAfter::Seconds(s)) => started.elapsed().as_secs_f64() >= s,
             Some(PostcopyAfter::Rounds(r)) => q["round"].as_u64().unwrap_or(0) >= u64::from(r),
