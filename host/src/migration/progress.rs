@@ -23,6 +23,8 @@ pub enum Status {
     Device,
     PostcopyActive,
     PostcopyPaused,
+    /// A paused post-copy is reconnecting.
+    PostcopyRecover,
     Completed,
     Failed,
     Cancelled,
@@ -135,7 +137,7 @@ impl Progress {
     /// Begin a migration; refused while one is running.
     pub fn begin(&self) -> Result<Parameters, String> {
         let mut g = self.lock();
-        if matches!(g.status, Status::Setup | Status::Active | Status::Device | Status::PostcopyActive | Status::PostcopyPaused) {
+        if matches!(g.status, Status::Setup | Status::Active | Status::Device | Status::PostcopyActive | Status::PostcopyPaused | Status::PostcopyRecover) {
             return Err(format!("a migration is already {:?}", g.status).to_lowercase());
         }
         g.status = Status::Setup;
@@ -225,7 +227,9 @@ impl Progress {
             return Err(format!("no post-copy migration is paused (status {:?})", self.status()).to_lowercase());
         }
         let g = self.resume.lock().unwrap_or_else(|p| p.into_inner());
-        g.as_ref().ok_or("no post-copy migration is paused")?.send(r).map_err(|_| "the migration is gone".to_owned())
+        g.as_ref().ok_or("no post-copy migration is paused")?.send(r).map_err(|_| "the migration is gone".to_owned())?;
+        self.set_status(Status::PostcopyRecover);
+        Ok(())
     }
 
     /// Remember the live post-copy connections (replacing older ones).

@@ -520,6 +520,8 @@ fn controller(s: &Arc<Shared>, mut session: Session) {
                 }
                 Err(e) => {
                     log::warn!("migration: post-copy recovery failed: {e}; still paused");
+                    s.progress.set_extra("postcopy-paused-reason", json!(format!("recovery failed: {e}")));
+                    s.progress.set_status(Status::PostcopyPaused);
                     listener.close();
                 }
             }

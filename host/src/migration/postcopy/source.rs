@@ -96,7 +96,11 @@ pub fn run(blocks: &[PcBlock], config: &ConfigSection, mut session: Session, pro
             };
             match reconnect(blocks, config, &uri) {
                 Ok(s) => break s,
-                Err(e) => log::warn!("migration: post-copy resume to {uri} failed: {e}; still paused"),
+                Err(e) => {
+                    log::warn!("migration: post-copy resume to {uri} failed: {e}; still paused");
+                    progress.set_extra("postcopy-paused-reason", serde_json::json!(format!("resume failed: {e}")));
+                    progress.set_status(Status::PostcopyPaused);
+                }
             }
         };
     }
