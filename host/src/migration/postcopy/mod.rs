@@ -149,6 +149,114 @@ impl Latencies {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::migration::{ConfigSection, DeviceInfo, DeviceStage, RamBlockInfo, Section, StreamError, StreamReader, StreamWriter};
+
+    fn config() -> ConfigSection {
+        ConfigSection {
+            ram_size: 1 << 20,
+            vcpus: 1,
+            ram_blocks: vec![RamBlockInfo { id: "ram0".into(), size: 1 << 20 }],
+            devices: vec![DeviceInfo { id: "d".into(), kind: "k".into(), plugin_version: String::new(), section_version: 1 }],
+        }
+    }
+
+    /// Read the stream written by `f`; returns every section or the error.
+    fn read(f: impl FnOnce(&mut StreamWriter<&mut Vec<u8>>)) -> Result<Vec<Section>, StreamError> {
+        let mut buf = Vec::new();
+        {
+            let mut w = StreamWriter::new(&mut buf).unwrap();
+            w.write_config(&config()).unwrap();
+            f(&mut w);
+            w.write_end().unwrap();
+        }
+        let mut r = StreamReader::new(&buf[..])?;
+        let mut out = Vec::new();
+        loop {
+            let s = r.next_section()?;
+            let end = matches!(s, Section::End { .. });
+            out.push(s);
+            if end {
+                return Ok(out);
+            }
+        }
+    }
+
+    fn unexpected(r: Result<Vec<Section>, StreamError>) -> bool {
+        matches!(r, Err(StreamError::Unexpected { .. }))
+    }
+
+    #[test]
+    fn postcopy_sections_in_order_and_refused_out_of_it() {
+        let mem = vec![7u8; 1 << 20];
+        let mut bitmap = vec![0u64; 4];
+        bitmap[0] = 0b1011;
+        let ok = read(|w| {
+            w.write_ram_pages("ram0", &mem, &[0, 1]).unwrap();
+            w.write_postcopy_pending("ram0", &bitmap).unwrap();
+            w.write_device("k", "d", 1, DeviceStage::Complete, b"x").unwrap();
+            w.write_vcpu(0, b"v").unwrap();
+            w.write_postcopy_run().unwrap();
+            w.write_ram_pages("ram0", &mem, &[3]).unwrap();
+        })
+        .unwrap();
+        assert_eq!(ok[2], Section::PostcopyPending { block: "ram0".into(), bitmap: bitmap.clone() });
+        assert_eq!(ok[5], Section::PostcopyRun);
+        // Run without pending; device state after run; RAM between
+        // pending and run; pending after run; an end with post-copy
+        // announced but not run.
+        assert!(unexpected(read(|w| w.write_postcopy_run().unwrap())));
+        assert!(unexpected(read(|w| {
+            w.write_postcopy_pending("ram0", &bitmap).unwrap();
+            w.write_postcopy_run().unwrap();
+            w.write_vcpu(0, b"v").unwrap();
+        })));
+        assert!(unexpected(read(|w| {
+            w.write_postcopy_pending("ram0", &bitmap).unwrap();
+            w.write_ram_pages("ram0", &mem, &[3]).unwrap();
+        })));
+        assert!(unexpected(read(|w| {
+            w.write_postcopy_pending("ram0", &bitmap).unwrap();
+            w.write_postcopy_run().unwrap();
+            w.write_postcopy_pending("ram0", &bitmap).unwrap();
+        })));
+        assert!(unexpected(read(|w| w.write_postcopy_pending("ram0", &bitmap).unwrap())));
+        // Resume: only directly after the configuration, then only RAM.
+        let ok = read(|w| {
+            w.write_postcopy_resume().unwrap();
+            w.write_ram_pages("ram0", &mem, &[3]).unwrap();
+        })
+        .unwrap();
+        assert_eq!(ok[1], Section::PostcopyResume);
+        assert!(unexpected(read(|w| {
+            w.write_postcopy_resume().unwrap();
+            w.write_device("k", "d", 1, DeviceStage::Complete, b"x").unwrap();
+        })));
+        // The writer keeps its own rules.
+        let mut buf = Vec::new();
+        let mut w = StreamWriter::new(&mut buf).unwrap();
+        w.write_config(&config()).unwrap();
+        w.write_ram_pages("ram0", &mem, &[3]).unwrap();
+        assert!(w.write_postcopy_resume().is_err());
+        assert!(w.write_postcopy_pending("ram0", &[0; 3]).is_err(), "bitmap of the wrong length");
+        assert!(w.write_postcopy_pending("nope", &[0; 4]).is_err());
+    }
+
+    #[test]
+    fn pending_bitmap_lengths_and_stray_bits_are_refused() {
+        // A block of 100 pages: 2 words; bit 100 is beyond it.
+        let mut c = config();
+        c.ram_blocks[0].size = 100 * 4096;
+        c.ram_size = 100 * 4096;
+        let mut buf = Vec::new();
+        {
+            let mut w = StreamWriter::new(&mut buf).unwrap();
+            w.write_config(&c).unwrap();
+            w.write_postcopy_pending("ram0", &[0, 1 << 36]).unwrap();
+        }
+        let mut r = StreamReader::new(&buf[..]).unwrap();
+        r.next_section().unwrap();
+        assert!(matches!(r.next_section(), Err(StreamError::Malformed { .. })));
+    }
 
     #[test]
     fn bitmap_take_wraps_and_clears() {
