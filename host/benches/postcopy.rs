@@ -6,7 +6,8 @@
 //! after `max-rounds`; post-copy switches after one round. Printed from the
 //! same run: total migration time and downtime of each, and the
 //! destination's post-copy page-fault latency (fault read → `UFFDIO_COPY`
-//! done: median, p99). `DMHOST_BENCH_RAM_MIB` sets the RAM (default 256).
+//! done: median, p99). `DMHOST_BENCH_RAM_MIB` sets the RAM (default 128). Both runs share a
+//! 200 MB/s bandwidth limit (requested pages are not limited).
 
 use std::{
     sync::{mpsc, Arc},
@@ -18,6 +19,13 @@ use dmhost::{
     migration::{self, progress::Progress, MigrationUri},
     vm::{vcpu::VmExit, Vm, VmConfig},
 };
+
+/// The downtime limit both runs are given, and pre-copy's round limit.
+const MAX_DOWNTIME: Duration = Duration::from_millis(20);
+const MAX_ROUNDS: u32 = 10;
+/// A link slower than the guest dirties its memory (requested pages in
+/// post-copy are never limited; background pages are).
+const BANDWIDTH: u64 = 200_000_000;
 
 struct Outcome {
     total: Duration,
@@ -58,6 +66,12 @@ fn run(ram: u64, postcopy: bool) -> Outcome {
         });
     }
     let progress = Arc::new(Progress::default());
+    progress.set_params(migration::progress::Parameters {
+        max_downtime: MAX_DOWNTIME,
+        max_rounds: MAX_ROUNDS,
+        max_bandwidth: BANDWIDTH,
+        max_postcopy_bandwidth: BANDWIDTH,
+    });
     progress.begin().expect("begin");
     if postcopy {
         let p = Arc::clone(&progress);
@@ -92,16 +106,22 @@ fn main() {
         eprintln!("postcopy bench SKIPPED: {e}");
         return;
     }
-    let mib: u64 = std::env::var("DMHOST_BENCH_RAM_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
+    let mib: u64 = std::env::var("DMHOST_BENCH_RAM_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(128);
     let ram = mib << 20;
-    println!("guest: migrate-verify, {mib} MiB RAM, every page written each round; loopback TCP, no bandwidth limit");
+    println!(
+        "guest: migrate-verify, {mib} MiB RAM, every page written each round; loopback TCP limited to {} MB/s; \
+         downtime limit {} ms, pre-copy forced after {MAX_ROUNDS} rounds",
+        BANDWIDTH / 1_000_000,
+        MAX_DOWNTIME.as_millis()
+    );
     let pre = run(ram, false);
     let post = run(ram, true);
     println!(
-        "pre-copy : total {:8.1} ms, downtime {:7.1} ms, {} rounds (forced: never converged), guest verified: {}",
+        "pre-copy : total {:8.1} ms, downtime {:7.1} ms, {} rounds ({}), guest verified: {}",
         pre.total.as_secs_f64() * 1e3,
         pre.downtime.as_secs_f64() * 1e3,
         pre.rounds,
+        if pre.rounds >= MAX_ROUNDS { "forced: never converged" } else { "converged" },
         pre.verified
     );
     println!(
