@@ -556,7 +556,7 @@ fn recover(s: &Shared, listener: &MigrationListener) -> Result<Session, Postcopy
         let have: Vec<u64> = b.pending.snapshot().iter().map(|w| !w).collect();
         let pages = b.size / PAGE_SIZE as u64;
         let mut have = have;
-        if pages % 64 != 0 {
+        if !pages.is_multiple_of(64) {
             if let Some(last) = have.last_mut() {
                 *last &= (1u64 << (pages % 64)) - 1;
             }
