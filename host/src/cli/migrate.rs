@@ -144,3 +144,18 @@ pub fn run(args: MigrateArgs) -> CliResult {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::PostcopyAfter;
+
+    #[test]
+    fn postcopy_after_parses_seconds_and_rounds() {
+        assert_eq!("2s".parse(), Ok(PostcopyAfter::Seconds(2.0)));
+        assert_eq!("0.5".parse(), Ok(PostcopyAfter::Seconds(0.5)));
+        assert_eq!("3r".parse(), Ok(PostcopyAfter::Rounds(3)));
+        for bad in ["", "r", "-1s", "xs", "1.5r", "nans", "infs"] {
+            assert!(bad.parse::<PostcopyAfter>().is_err(), "{bad}");
+        }
+    }
+}
