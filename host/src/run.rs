@@ -96,12 +96,16 @@ pub fn kvm_available() -> Result<(), String> {
 
 /// Load the VM from an incoming migration; the guest resumes where the
 /// source stopped it.
-fn receive(vm: &Vm, uri: &crate::migration::MigrationUri) -> Result<(), RunError> {
+fn receive(
+    vm: &Vm,
+    uri: &crate::migration::MigrationUri,
+    progress: Arc<crate::migration::progress::Progress>,
+) -> Result<(), RunError> {
     let incoming = |e: &dyn std::error::Error| RunError::Incoming(chain(e));
     let listener = crate::migration::listen(uri).map_err(|e| incoming(&e))?;
     // Scripts and tests read this line to learn the port of `tcp:…:0`.
     eprintln!("dmhost: waiting for an incoming migration on {}", listener.uri());
-    crate::migration::dest::incoming(vm, listener).map_err(|e| incoming(&e))?;
+    crate::migration::dest::incoming_with(vm, listener, progress).map_err(|e| incoming(&e))?;
     Ok(())
 }
 
@@ -133,14 +137,14 @@ fn run_vm(args: &RunArgs, extra_dirs: &[PathBuf]) -> Result<ExitCode, RunError> 
     let _acpi = crate::acpi_host::AcpiHost::install(&vm, config.vcpus, config.acpi.clone())?;
     let commands = Arc::new(CommandRegistry::new());
     register_vm_commands(&commands, Arc::clone(&vm), Arc::clone(&registry) as Arc<dyn DeviceFactory>);
-    crate::migration::commands::register(&commands, Arc::clone(&vm));
+    let migration = crate::migration::commands::register(&commands, Arc::clone(&vm));
     crate::migration::debug_commands::register(&commands, Arc::clone(&vm));
     let _server = match &args.control {
         Some(path) => Some(ControlServer::start(path, Arc::clone(&commands))?),
         None => None,
     };
     match &args.incoming {
-        Some(uri) => receive(&vm, uri)?,
+        Some(uri) => receive(&vm, uri, migration)?,
         None => vm.load_program(&program, &config.regs)?,
     }
 

@@ -30,12 +30,51 @@ pub struct MigrateArgs {
     /// telling it to quit.
     #[arg(long)]
     pub keep_source: bool,
+    /// Switch to post-copy after this long in pre-copy: seconds (`2s`,
+    /// `0.5s`) or pre-copy rounds (`3r`).
+    #[arg(long)]
+    pub postcopy_after: Option<PostcopyAfter>,
+    /// Bandwidth limit of the background stream in post-copy, bytes per
+    /// second (0 = none; requested pages are never limited).
+    #[arg(long)]
+    pub max_postcopy_bandwidth: Option<u64>,
+    /// Resume a paused post-copy migration on a new connection to `--to`
+    /// (after `migrate-recover` on the destination).
+    #[arg(long)]
+    pub resume: bool,
+}
+
+/// When `--postcopy-after` switches to post-copy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PostcopyAfter {
+    Seconds(f64),
+    Rounds(u32),
+}
+
+impl std::str::FromStr for PostcopyAfter {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?}: expected seconds (2s, 0.5s) or rounds (3r)");
+        if let Some(n) = s.strip_suffix('r') {
+            return n.parse().map(Self::Rounds).map_err(|_| bad());
+        }
+        let n = s.strip_suffix('s').unwrap_or(s);
+        match n.parse::<f64>() {
+            Ok(x) if x.is_finite() && x >= 0.0 => Ok(Self::Seconds(x)),
+            _ => Err(bad()),
+        }
+    }
 }
 
 pub fn run(args: MigrateArgs) -> CliResult {
     let mut c = ControlClient::connect(&args.control)?;
     let mut params = serde_json::Map::new();
-    for (k, v) in [("downtime-limit", args.max_downtime), ("max-bandwidth", args.max_bandwidth), ("max-rounds", args.max_rounds)] {
+    for (k, v) in [
+        ("downtime-limit", args.max_downtime),
+        ("max-bandwidth", args.max_bandwidth),
+        ("max-rounds", args.max_rounds),
+        ("max-postcopy-bandwidth", args.max_postcopy_bandwidth),
+    ] {
         if let Some(v) = v {
             params.insert(k.into(), json!(v));
         }
@@ -43,7 +82,9 @@ pub fn run(args: MigrateArgs) -> CliResult {
     if !params.is_empty() {
         c.execute("migrate-set-parameters", Value::Object(params))?;
     }
-    c.execute("migrate", json!({"uri": args.to}))?;
+    let started = std::time::Instant::now();
+    c.execute("migrate", json!({"uri": args.to, "resume": args.resume}))?;
+    let mut postcopy_asked = false;
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{spinner} {msg:12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {elapsed}")
@@ -59,6 +100,29 @@ pub fn run(args: MigrateArgs) -> CliResult {
         if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
             break q;
         }
+        if status == "postcopy-paused" {
+            bar.finish_and_clear();
+            eprintln!(
+                "dmhost migrate: post-copy paused ({}); the guest waits on the destination: run `migrate-recover` there, then `dmhost migrate --resume`",
+                q["postcopy-paused-reason"].as_str().unwrap_or("connection lost")
+            );
+            return Ok(ExitCode::from(2));
+        }
+        let due = match args.postcopy_after {
+            Some(PostcopyAfter::Seconds(s)) => started.elapsed().as_secs_f64() >= s,
+            Some(PostcopyAfter::Rounds(r)) => q["round"].as_u64().unwrap_or(0) >= u64::from(r),
+            None => false,
+        };
+        if due && !postcopy_asked && status == "active" {
+            postcopy_asked = true;
+            match c.execute("migrate-start-postcopy", json!({})) {
+                Ok(_) => bar.println(format!("switching to post-copy after round {}", q["round"])),
+                Err(e) => bar.println(format!("post-copy not started: {e}")),
+            }
+        }
+        if let Some(pc) = q.get("postcopy") {
+            bar.set_message(format!("{status} {} left", pc["pages-remaining"]));
+        }
         std::thread::sleep(Duration::from_millis(100));
     };
     bar.finish_and_clear();
@@ -68,6 +132,9 @@ pub fn run(args: MigrateArgs) -> CliResult {
         "migration {status}: {} bytes in {} ms, {} rounds, downtime {} ms",
         ram["transferred"], last["total-time"], last["round"], last.get("downtime").cloned().unwrap_or(Value::Null)
     );
+    if let Some(pc) = last.get("postcopy") {
+        println!("post-copy: {} pages requested by the destination", pc["postcopy-requests"]);
+    }
     if status != "completed" {
         eprintln!("dmhost migrate: {}", last["error-desc"].as_str().unwrap_or("migration did not complete"));
         return Ok(ExitCode::FAILURE);
@@ -76,4 +143,19 @@ pub fn run(args: MigrateArgs) -> CliResult {
         c.execute("quit", json!({}))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PostcopyAfter;
+
+    #[test]
+    fn postcopy_after_parses_seconds_and_rounds() {
+        assert_eq!("2s".parse(), Ok(PostcopyAfter::Seconds(2.0)));
+        assert_eq!("0.5".parse(), Ok(PostcopyAfter::Seconds(0.5)));
+        assert_eq!("3r".parse(), Ok(PostcopyAfter::Rounds(3)));
+        for bad in ["", "r", "-1s", "xs", "1.5r", "nans", "infs"] {
+            assert!(bad.parse::<PostcopyAfter>().is_err(), "{bad}");
+        }
+    }
 }

@@ -53,6 +53,19 @@ pub struct StreamReader<R: Read> {
     pending: Option<PendingRam>,
     ended: bool,
     failed: bool,
+    phase: Phase,
+}
+
+/// Where a stream is in the post-copy protocol (format 1.1): which of its
+/// sections may come next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Pre-copy: any section; post-copy pending or run may start post-copy.
+    Precopy,
+    /// Pending sections seen: more of them, device and vCPU state, then run.
+    Pending,
+    /// After run or resume: only RAM and the end section.
+    Postcopy,
 }
 
 impl<R: Read> StreamReader<R> {
@@ -71,6 +84,7 @@ impl<R: Read> StreamReader<R> {
             pending: None,
             ended: false,
             failed: false,
+            phase: Phase::Precopy,
         };
         let mut h = [0u8; STREAM_HEADER_LEN];
         r.fill(&mut h, "stream header")?;
@@ -113,6 +127,11 @@ impl<R: Read> StreamReader<R> {
     /// Bytes consumed so far.
     pub fn offset(&self) -> u64 {
         self.offset
+    }
+
+    /// The transport.
+    pub fn get_ref(&self) -> &R {
+        self.input.get_ref()
     }
 
     /// The transport (for a return path).
@@ -252,6 +271,8 @@ impl<R: Read> StreamReader<R> {
                 section_type::DEVICE => MAX_DEVICE_PAYLOAD,
                 section_type::VCPU => MAX_VCPU_PAYLOAD,
                 section_type::END => 8,
+                section_type::POSTCOPY_PENDING => MAX_BITMAP_PAYLOAD,
+                section_type::POSTCOPY_RUN | section_type::POSTCOPY_RESUME => 0,
                 _ if flags & FLAG_SKIPPABLE != 0 => MAX_SKIPPABLE_PAYLOAD,
                 _ => return Err(StreamError::UnknownSection { ty, at }),
             };
@@ -272,12 +293,16 @@ impl<R: Read> StreamReader<R> {
                 }
                 _ => {}
             }
+            self.check_phase(ty, at)?;
             match ty {
                 section_type::RAM => return self.ram_header(at, len),
                 section_type::CONFIG
                 | section_type::DEVICE
                 | section_type::VCPU
-                | section_type::END => {
+                | section_type::END
+                | section_type::POSTCOPY_PENDING
+                | section_type::POSTCOPY_RUN
+                | section_type::POSTCOPY_RESUME => {
                     let payload = self.read_vec(len, "section payload")?;
                     self.check_trailer(ty, at, crc32c::crc32c(&payload))?;
                     return self.parse(ty, &payload);
@@ -289,6 +314,41 @@ impl<R: Read> StreamReader<R> {
                 }
             }
         }
+    }
+
+    /// The post-copy ordering rules (format 1.1): pending sections before
+    /// run, run at most once, resume only first after the configuration,
+    /// and after run or resume no device or vCPU state.
+    fn check_phase(&mut self, ty: u8, at: At) -> Result<(), StreamError> {
+        let refuse = |why| Err(StreamError::Unexpected { found: section_name(ty), at, why });
+        match (ty, self.phase) {
+            (section_type::POSTCOPY_PENDING, Phase::Postcopy) => refuse("post-copy already running"),
+            (section_type::POSTCOPY_PENDING, _) => {
+                self.phase = Phase::Pending;
+                Ok(())
+            }
+            (section_type::POSTCOPY_RUN, Phase::Pending) => {
+                self.phase = Phase::Postcopy;
+                Ok(())
+            }
+            (section_type::POSTCOPY_RUN, Phase::Precopy) => refuse("no post-copy pending section came first"),
+            (section_type::POSTCOPY_RUN, Phase::Postcopy) => refuse("post-copy already running"),
+            // The configuration is section 0; resume must be section 1.
+            (section_type::POSTCOPY_RESUME, Phase::Precopy) if self.sections == 2 => {
+                self.phase = Phase::Postcopy;
+                Ok(())
+            }
+            (section_type::POSTCOPY_RESUME, _) => refuse("resume must directly follow the configuration"),
+            (section_type::RAM, Phase::Pending) => refuse("RAM between post-copy pending and run"),
+            (section_type::DEVICE | section_type::VCPU, Phase::Postcopy) => refuse("the guest already runs on the destination"),
+            (section_type::END, Phase::Pending) => refuse("post-copy was announced but never started"),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the stream entered post-copy (a run or resume section was read).
+    pub fn in_postcopy(&self) -> bool {
+        self.phase == Phase::Postcopy
     }
 
     fn parse(&mut self, ty: u8, payload: &[u8]) -> Result<Section, StreamError> {
@@ -363,6 +423,32 @@ impl<R: Read> StreamReader<R> {
                     data: p.rest().to_vec(),
                 })
             }
+            section_type::POSTCOPY_PENDING => {
+                let block = p.string()?;
+                let pages = self
+                    .config
+                    .as_ref()
+                    .and_then(|c| c.ram_block(&block))
+                    .map(RamBlockInfo::pages)
+                    .ok_or_else(|| StreamError::UnknownRamBlock { block: block.clone() })?;
+                let raw = p.rest();
+                let words = bitmap_words(pages);
+                if raw.len() as u64 != words * 8 {
+                    return Err(p.bad(format!(
+                        "bitmap of {} bytes for a block of {pages} pages (expected {})",
+                        raw.len(),
+                        words * 8
+                    )));
+                }
+                let bitmap: Vec<u64> = raw.chunks_exact(8).map(le64).collect();
+                let tail = pages % 64;
+                if tail != 0 && bitmap.last().is_some_and(|w| w >> tail != 0) {
+                    return Err(p.bad(format!("bitmap marks pages beyond the {pages} of block {block:?}")));
+                }
+                Section::PostcopyPending { block, bitmap }
+            }
+            section_type::POSTCOPY_RUN => Section::PostcopyRun,
+            section_type::POSTCOPY_RESUME => Section::PostcopyResume,
             _ => {
                 let stored = p.u64()?;
                 p.end()?;
@@ -564,6 +650,8 @@ fn section_len_name(ty: u8) -> &'static str {
         section_type::DEVICE => "device section payload",
         section_type::VCPU => "vCPU section payload",
         section_type::END => "end section payload",
+        section_type::POSTCOPY_PENDING => "post-copy pending section payload",
+        section_type::POSTCOPY_RUN | section_type::POSTCOPY_RESUME => "post-copy marker payload",
         _ => "skippable section payload",
     }
 }

@@ -5,6 +5,10 @@
 //! stream (wrong version, unknown device, bad checksum, truncation) leaves
 //! this VM unstarted and the error says what was wrong; the source, which
 //! gets no acknowledgement, keeps running.
+//!
+//! A post-copy stream (format 1.1) is different: at its run section the
+//! guest resumes here while [`super::postcopy::dest`] brings the rest of
+//! its RAM in.
 
 use std::{
     collections::BTreeMap,
@@ -16,6 +20,12 @@ use std::{
 use crate::{devices::HostDevice, vm::Vm};
 
 use super::{
+    postcopy::{
+        self,
+        dest::{accept_urgent, PostcopyDestError, Shared as PcShared},
+        retpath::RetMsg,
+    },
+    progress::{Progress, Status},
     check_compatibility,
     device_ops::MigrationOps,
     machine::{block_bytes_mut, config_section, devices, VcpuPayload},
@@ -29,29 +39,50 @@ pub struct Received {
     pub bytes: u64,
     pub ram_batches: u64,
     pub device_sections: u64,
+    /// The guest may run while post-copy brings the rest of its RAM.
+    pub postcopy: bool,
 }
 
 /// Accept one migration on `listener` and load it into `vm` (created with
 /// the same configuration, not started). On success the vCPU state is
 /// restored and the caller starts the VM.
 pub fn incoming(vm: &Vm, listener: MigrationListener) -> Result<Received, MigrationError> {
-    let stream = listener.accept()?;
+    incoming_with(vm, listener, Arc::new(Progress::default()))
+}
+
+/// [`incoming`], reporting to `progress` (the destination's
+/// `query-migrate`). A post-copy migration returns as soon as the guest
+/// may run; its pages keep arriving on threads that `progress` reports on.
+pub fn incoming_with(vm: &Vm, listener: MigrationListener, progress: Arc<Progress>) -> Result<Received, MigrationError> {
+    let stream = listener.accept_next()?;
+    let _ = progress.begin();
+    progress.set_status(Status::Active);
     let started = Instant::now();
     let ack = stream.try_clone().ok();
-    let result = load(vm, stream);
+    let result = load(vm, stream, &listener, &progress);
     match (&result, ack) {
+        (Ok(r), _) if r.postcopy => {
+            log::info!(
+                "migration: switched to post-copy after {} bytes in {:.3} s; the guest resumes",
+                r.bytes,
+                started.elapsed().as_secs_f64()
+            );
+        }
         (Ok(_), Some(mut ack)) => {
             // Resume only if the source heard us: otherwise it resumes too.
             writeln!(ack, "{ACK_OK}").and_then(|_| ack.flush()).map_err(|e| {
                 MigrationError::NoAck(format!("cannot acknowledge to the source: {e}"))
             })?;
+            progress.set_status(Status::Completed);
         }
         (Err(e), Some(mut ack)) => {
+            progress.fail(e.to_string(), false);
             let _ = writeln!(ack, "error: {e}");
         }
-        _ => {}
+        (Ok(_), None) => progress.set_status(Status::Completed),
+        (Err(e), None) => progress.fail(e.to_string(), false),
     }
-    if let Ok(r) = &result {
+    if let Some(r) = result.as_ref().ok().filter(|r| !r.postcopy) {
         log::info!(
             "migration: received {} bytes ({} RAM batches, {} device sections) in {:.3} s",
             r.bytes,
@@ -60,22 +91,27 @@ pub fn incoming(vm: &Vm, listener: MigrationListener) -> Result<Received, Migrat
             started.elapsed().as_secs_f64()
         );
     }
+    listener.close();
     result
 }
 
-fn load(vm: &Vm, stream: MigrationStream) -> Result<Received, MigrationError> {
+fn load(vm: &Vm, stream: MigrationStream, listener: &MigrationListener, progress: &Arc<Progress>) -> Result<Received, MigrationError> {
+    let mut ret = stream.try_clone().ok();
     let mut reader = StreamReader::new(stream)?;
     let local = config_section(vm);
-    match reader.next_section()? {
-        Section::Config(incoming) => check_compatibility(&local, &incoming)
-            .map_err(|e| MigrationError::Incoming(format!("incompatible configuration: {e}")))?,
+    let incoming = match reader.next_section()? {
+        Section::Config(incoming) => {
+            check_compatibility(&local, &incoming)
+                .map_err(|e| MigrationError::Incoming(format!("incompatible configuration: {e}")))?;
+            incoming
+        }
         other => {
             return Err(MigrationError::Incoming(format!(
                 "stream starts with a {} section, not the configuration",
                 super::section_name(other.type_code())
             )))
         }
-    }
+    };
     let blocks: BTreeMap<String, _> = vm.ram_blocks().into_iter().map(|b| (b.name.clone(), b)).collect();
     let devs: BTreeMap<String, Arc<HostDevice>> = devices(vm).into_iter().map(|d| (d.id.clone(), d)).collect();
     for d in devs.values() {
@@ -84,6 +120,8 @@ fn load(vm: &Vm, stream: MigrationStream) -> Result<Received, MigrationError> {
     let mut got = Received::default();
     let mut vcpus = Vec::new();
     let mut vm_state = None;
+    let mut postcopy: Option<Arc<PcShared>> = None;
+    let pc_err = |e: PostcopyDestError| MigrationError::Incoming(format!("post-copy: {e}"));
     loop {
         match reader.next_section()? {
             Section::Config(_) => return Err(MigrationError::Incoming("a second configuration section".into())),
@@ -96,6 +134,10 @@ fn load(vm: &Vm, stream: MigrationStream) -> Result<Received, MigrationError> {
                 let mem = unsafe { block_bytes_mut(block) };
                 reader.read_ram_into(&batch, mem)?;
                 got.ram_batches += 1;
+                if got.ram_batches % 64 == 0 {
+                    let n = reader.offset();
+                    progress.update(|s| s.transferred = n);
+                }
             }
             Section::Device(s) => {
                 let d = devs.get(&s.id).filter(|d| d.kind == s.kind).ok_or_else(|| {
@@ -113,10 +155,62 @@ fn load(vm: &Vm, stream: MigrationStream) -> Result<Received, MigrationError> {
                     vm_state = Some(v);
                 }
                 vcpus.push((s.index, p.vcpu));
+                if let (Some(pc), true) = (&postcopy, vcpus.len() == vm.vcpu_count() as usize) {
+                    // Everything but RAM is here: load it, catch faults,
+                    // and tell the source we are ready to run.
+                    finish_load(vm, &devs, std::mem::take(&mut vcpus), vm_state.take())?;
+                    pc.register().map_err(pc_err)?;
+                    let w = ret.as_mut().ok_or_else(|| MigrationError::Incoming("post-copy needs a return path".into()))?;
+                    w.set_nodelay();
+                    RetMsg::Ready.send(w).map_err(|e| MigrationError::NoAck(e.to_string()))?;
+                }
+            }
+            Section::PostcopyPending { block, bitmap } => {
+                let pc = match &postcopy {
+                    Some(pc) => Arc::clone(pc),
+                    None => {
+                        let pc = Arc::new(PcShared::new(vm, &incoming, Arc::clone(progress)).map_err(pc_err)?);
+                        postcopy = Some(Arc::clone(&pc));
+                        pc
+                    }
+                };
+                pc.apply_pending(&block, &bitmap).map_err(pc_err)?;
+            }
+            Section::PostcopyRun => {
+                let pc = postcopy.take().ok_or_else(|| MigrationError::Incoming("post-copy run without pending sections".into()))?;
+                if !vcpus.is_empty() || vm_state.is_some() {
+                    return Err(MigrationError::Incoming("post-copy run before every vCPU state".into()));
+                }
+                let urgent = accept_urgent(listener, &incoming).map_err(pc_err)?;
+                let ret = ret.take().ok_or_else(|| MigrationError::Incoming("post-copy needs a return path".into()))?;
+                got.bytes = reader.offset();
+                got.postcopy = true;
+                progress.set_status(Status::PostcopyActive);
+                // The thread runs until every page is in place.
+                drop(postcopy::dest::start(pc, postcopy::dest::Session { main: reader, urgent, ret }));
+                return Ok(got);
+            }
+            Section::PostcopyResume => {
+                return Err(MigrationError::Incoming("a post-copy resume stream, but no post-copy migration is paused here".into()))
             }
             Section::End { .. } => break,
         }
     }
+    if postcopy.is_some() {
+        return Err(MigrationError::Incoming("post-copy was announced but the stream ended".into()));
+    }
+    finish_load(vm, &devs, vcpus, vm_state)?;
+    got.bytes = reader.offset();
+    Ok(got)
+}
+
+/// Restore the VM and vCPU state and finish the devices' loads.
+fn finish_load(
+    vm: &Vm,
+    devs: &BTreeMap<String, Arc<HostDevice>>,
+    mut vcpus: Vec<(u32, crate::vm::vcpu::VcpuState)>,
+    vm_state: Option<crate::vm::VmState>,
+) -> Result<(), MigrationError> {
     vcpus.sort_by_key(|(i, _)| *i);
     let want = vm.vcpu_count() as usize;
     if vcpus.len() != want || vcpus.iter().enumerate().any(|(n, (i, _))| *i as usize != n) {
@@ -131,6 +225,5 @@ fn load(vm: &Vm, stream: MigrationStream) -> Result<Received, MigrationError> {
         dev.load_cleanup().map_err(|source| MigrationError::Device { id: d.id.clone(), what: "load_cleanup", source })?;
         dev.vm_state_changed(true).map_err(|source| MigrationError::Device { id: d.id.clone(), what: "vm_state_changed(run)", source })?;
     }
-    got.bytes = reader.offset();
-    Ok(got)
+    Ok(())
 }

@@ -80,6 +80,11 @@ impl<W: Write> StreamWriter<W> {
         Ok(w)
     }
 
+    /// The transport.
+    pub fn get_ref(&self) -> &W {
+        self.out.get_ref()
+    }
+
     /// Sections written so far.
     pub fn sections(&self) -> u64 {
         self.sections
@@ -344,6 +349,52 @@ impl<W: Write> StreamWriter<W> {
             });
         }
         self.put_section(section_type::VCPU, 0, &[&index.to_le_bytes(), data])
+    }
+
+    /// Post-copy: the pages of `block` the source still sends (bit i =
+    /// page i), exactly one bit per page of the block.
+    pub fn write_postcopy_pending(&mut self, block: &str, bitmap: &[u64]) -> Result<(), StreamError> {
+        let config = self
+            .config
+            .as_ref()
+            .ok_or(StreamError::Order("post-copy section before configuration"))?;
+        let info = config
+            .ram_block(block)
+            .ok_or_else(|| StreamError::UnknownRamBlock { block: block.into() })?;
+        check_string("RAM block id", block)?;
+        let words = bitmap_words(info.pages()) as usize;
+        if bitmap.len() != words {
+            return Err(StreamError::Order("post-copy bitmap length does not match its block"));
+        }
+        let mut p = Vec::with_capacity(1 + block.len() + 8 * words);
+        put_str(&mut p, block);
+        for w in bitmap {
+            p.extend_from_slice(&w.to_le_bytes());
+        }
+        if p.len() > MAX_BITMAP_PAYLOAD as usize {
+            return Err(StreamError::TooLong {
+                what: "post-copy pending section",
+                len: p.len() as u64,
+                limit: u64::from(MAX_BITMAP_PAYLOAD),
+            });
+        }
+        self.put_section(section_type::POSTCOPY_PENDING, 0, &[&p])
+    }
+
+    /// Post-copy: the destination resumes the guest now (flushed).
+    pub fn write_postcopy_run(&mut self) -> Result<(), StreamError> {
+        self.put_section(section_type::POSTCOPY_RUN, 0, &[])?;
+        self.flush()
+    }
+
+    /// The first section after the configuration of a stream that resumes
+    /// a paused post-copy migration.
+    pub fn write_postcopy_resume(&mut self) -> Result<(), StreamError> {
+        if self.config.is_none() || self.sections != 1 {
+            return Err(StreamError::Order("resume must directly follow the configuration"));
+        }
+        self.put_section(section_type::POSTCOPY_RESUME, 0, &[])?;
+        self.flush()
     }
 
     /// A section of a type this version does not define, marked

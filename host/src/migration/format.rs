@@ -15,7 +15,7 @@ pub const MAGIC: [u8; 8] = *b"\x89DMHMIG\n";
 pub const VERSION_MAJOR: u16 = 1;
 /// Format minor version this code writes. A reader accepts a newer minor: it
 /// may only add sections marked [`FLAG_SKIPPABLE`].
-pub const VERSION_MINOR: u16 = 0;
+pub const VERSION_MINOR: u16 = 1;
 /// Stream header: magic, major, minor, CRC32C of the preceding 12 bytes.
 pub const STREAM_HEADER_LEN: usize = 16;
 /// Section header: type, flags, reserved u16, payload length u32, CRC32C of
@@ -61,7 +61,16 @@ pub mod section_type {
     pub const DEVICE: u8 = 0x03;
     pub const VCPU: u8 = 0x04;
     pub const END: u8 = 0x05;
+    /// 1.1: pages of a block the source still sends in post-copy.
+    pub const POSTCOPY_PENDING: u8 = 0x06;
+    /// 1.1: the destination resumes the guest; pages keep coming.
+    pub const POSTCOPY_RUN: u8 = 0x07;
+    /// 1.1: this stream resumes a paused post-copy migration.
+    pub const POSTCOPY_RESUME: u8 = 0x08;
 }
+
+/// Payload of a post-copy pending section at most (a bitmap of 2^31 pages).
+pub const MAX_BITMAP_PAYLOAD: u32 = 256 << 20;
 
 /// Fixed part of a RAM section payload after the block id: the page count.
 pub(crate) const RAM_COUNT_LEN: usize = 4;
@@ -178,6 +187,11 @@ impl ConfigSection {
     }
 }
 
+/// Words of a bitmap with one bit per page of a `pages`-page block.
+pub fn bitmap_words(pages: u64) -> u64 {
+    pages.div_ceil(64)
+}
+
 /// Whether `x` is a multiple of [`PAGE_SIZE`] (a power of two).
 pub(crate) fn page_aligned(x: u64) -> bool {
     x & (PAGE_SIZE as u64 - 1) == 0
@@ -291,6 +305,13 @@ pub enum Section {
     End {
         sections: u64,
     },
+    /// Post-copy: the pages of `block` (bit i = page i) that the source
+    /// still holds and sends after the guest runs on the destination.
+    PostcopyPending { block: String, bitmap: Vec<u64> },
+    /// Post-copy: resume the guest now; RAM sections keep coming.
+    PostcopyRun,
+    /// A stream that resumes a paused post-copy migration.
+    PostcopyResume,
 }
 
 impl Section {
@@ -301,6 +322,9 @@ impl Section {
             Section::Device(_) => section_type::DEVICE,
             Section::Vcpu(_) => section_type::VCPU,
             Section::End { .. } => section_type::END,
+            Section::PostcopyPending { .. } => section_type::POSTCOPY_PENDING,
+            Section::PostcopyRun => section_type::POSTCOPY_RUN,
+            Section::PostcopyResume => section_type::POSTCOPY_RESUME,
         }
     }
 }
@@ -313,6 +337,9 @@ pub fn section_name(ty: u8) -> &'static str {
         section_type::DEVICE => "device",
         section_type::VCPU => "vCPU",
         section_type::END => "end",
+        section_type::POSTCOPY_PENDING => "post-copy pending",
+        section_type::POSTCOPY_RUN => "post-copy run",
+        section_type::POSTCOPY_RESUME => "post-copy resume",
         _ => "unknown",
     }
 }
@@ -389,6 +416,8 @@ pub enum StreamError {
     VcpuOutOfRange { index: u32, count: u32 },
     #[error("end section counts {stored} sections but {counted} were read")]
     SectionCount { stored: u64, counted: u64 },
+    #[error("{found} section not expected here ({at}): {why}")]
+    Unexpected { found: &'static str, at: At, why: &'static str },
     #[error("read past the end section")]
     AfterEnd,
     #[error("RAM batch is not the current section (already consumed or skipped)")]

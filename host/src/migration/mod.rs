@@ -24,6 +24,7 @@ pub mod debug_commands;
 pub mod dest;
 pub mod device_ops;
 pub mod machine;
+pub mod postcopy;
 pub mod progress;
 pub mod source;
 mod decode;

@@ -4,7 +4,7 @@
 use std::{
     sync::{
         atomic::{AtomicBool, Ordering},
-        Mutex,
+        mpsc, Mutex,
     },
     time::{Duration, Instant},
 };
@@ -23,6 +23,8 @@ pub enum Status {
     Device,
     PostcopyActive,
     PostcopyPaused,
+    /// A paused post-copy is reconnecting.
+    PostcopyRecover,
     Completed,
     Failed,
     Cancelled,
@@ -43,11 +45,14 @@ pub struct Parameters {
     pub max_bandwidth: u64,
     /// Pre-copy rounds before the switch-over is forced.
     pub max_rounds: u32,
+    /// Bytes per second of the background stream in post-copy; 0 = none
+    /// (requested pages are never limited).
+    pub max_postcopy_bandwidth: u64,
 }
 
 impl Default for Parameters {
     fn default() -> Self {
-        Self { max_downtime: Duration::from_millis(300), max_bandwidth: 0, max_rounds: 30 }
+        Self { max_downtime: Duration::from_millis(300), max_bandwidth: 0, max_rounds: 30, max_postcopy_bandwidth: 0 }
     }
 }
 
@@ -77,6 +82,22 @@ pub struct Stats {
 pub struct Progress {
     inner: Mutex<Inner>,
     cancel: AtomicBool,
+    /// `migrate-start-postcopy` was asked.
+    postcopy: AtomicBool,
+    /// Post-copy: where a paused migration continues (`migrate` with
+    /// `resume` on the source, `migrate-recover` on the destination).
+    resume: Mutex<Option<mpsc::Sender<Resume>>>,
+    /// Post-copy: handles on the live connections, for `x-postcopy-break`.
+    sockets: Mutex<Vec<super::MigrationStream>>,
+}
+
+/// How a paused post-copy migration continues.
+#[derive(Debug)]
+pub enum Resume {
+    /// Source: connect here.
+    Connect(super::MigrationUri),
+    /// Destination: accept on this listener.
+    Accept(super::MigrationListener),
 }
 
 #[derive(Debug)]
@@ -101,6 +122,9 @@ impl Default for Progress {
                 extra: Default::default(),
             }),
             cancel: AtomicBool::new(false),
+            postcopy: AtomicBool::new(false),
+            resume: Mutex::new(None),
+            sockets: Mutex::new(Vec::new()),
         }
     }
 }
@@ -113,7 +137,7 @@ impl Progress {
     /// Begin a migration; refused while one is running.
     pub fn begin(&self) -> Result<Parameters, String> {
         let mut g = self.lock();
-        if matches!(g.status, Status::Setup | Status::Active | Status::Device | Status::PostcopyActive | Status::PostcopyPaused) {
+        if matches!(g.status, Status::Setup | Status::Active | Status::Device | Status::PostcopyActive | Status::PostcopyPaused | Status::PostcopyRecover) {
             return Err(format!("a migration is already {:?}", g.status).to_lowercase());
         }
         g.status = Status::Setup;
@@ -122,6 +146,7 @@ impl Progress {
         g.started = Some(Instant::now());
         g.extra.clear();
         self.cancel.store(false, Ordering::SeqCst);
+        self.postcopy.store(false, Ordering::SeqCst);
         Ok(g.params)
     }
 
@@ -178,6 +203,48 @@ impl Progress {
 
     pub fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)
+    }
+
+    /// Ask the running migration to switch to post-copy (or clear it).
+    pub fn request_postcopy(&self, on: bool) {
+        self.postcopy.store(on, Ordering::SeqCst);
+    }
+
+    pub fn postcopy_requested(&self) -> bool {
+        self.postcopy.load(Ordering::SeqCst)
+    }
+
+    /// A paused post-copy migration waits on the returned channel.
+    pub fn resume_channel(&self) -> mpsc::Receiver<Resume> {
+        let (tx, rx) = mpsc::channel();
+        *self.resume.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        rx
+    }
+
+    /// Hand a paused post-copy migration where to continue.
+    pub fn resume(&self, r: Resume) -> Result<(), String> {
+        if self.status() != Status::PostcopyPaused {
+            return Err(format!("no post-copy migration is paused (status {:?})", self.status()).to_lowercase());
+        }
+        let g = self.resume.lock().unwrap_or_else(|p| p.into_inner());
+        g.as_ref().ok_or("no post-copy migration is paused")?.send(r).map_err(|_| "the migration is gone".to_owned())?;
+        self.set_status(Status::PostcopyRecover);
+        Ok(())
+    }
+
+    /// Remember the live post-copy connections (replacing older ones).
+    pub fn set_sockets(&self, s: Vec<super::MigrationStream>) {
+        *self.sockets.lock().unwrap_or_else(|p| p.into_inner()) = s;
+    }
+
+    /// Shut every live post-copy connection down (`x-postcopy-break`, and
+    /// each side when it pauses); returns how many there were.
+    pub fn break_sockets(&self) -> usize {
+        let g = self.sockets.lock().unwrap_or_else(|p| p.into_inner());
+        for s in g.iter() {
+            s.shutdown();
+        }
+        g.len()
     }
 
     /// The `query-migrate` reply.

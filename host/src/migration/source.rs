@@ -11,6 +11,7 @@
 //! source loses nothing.
 
 use std::{
+    collections::HashMap,
     io::{BufRead, BufReader},
     sync::Arc,
     time::{Duration, Instant},
@@ -28,6 +29,11 @@ use super::{
     device_ops::MigrationOps,
     extents::{dirty_pages, populated},
     machine::{block_bytes, config_section, devices, VcpuPayload},
+    postcopy::{
+        retpath::{RetMsg, RetPathError},
+        source::{self as pc_source, PcBlock},
+        AtomicBitmap,
+    },
     progress::{Progress, Status},
     DeviceStage, MigrationStream, MigrationUri, StreamError, StreamWriter, TransportError,
     PAGE_SIZE,
@@ -89,6 +95,12 @@ struct Sender<'a> {
     /// Bytes written in the current rate window and its start.
     window: (u64, Instant),
     pages: Vec<u64>,
+    uri: MigrationUri,
+    /// Pages left unsent when a round was cut short by the switch to
+    /// post-copy, per block: they join the post-copy pending set.
+    carry: HashMap<String, Vec<u64>>,
+    /// The destination may have resumed the guest: never resume it here.
+    committed: bool,
 }
 
 /// Migrate `vm` to `uri`. On success the source VM stays paused (QEMU's
@@ -109,6 +121,9 @@ pub fn migrate(vm: &Vm, uri: &MigrationUri, progress: &Progress) -> Result<Summa
         devices: devices(vm),
         window: (0, Instant::now()),
         pages: Vec::new(),
+        uri: uri.clone(),
+        carry: HashMap::new(),
+        committed: false,
     };
     let total: u64 = s.blocks.iter().map(|b| b.size).sum();
     progress.update(|st| st.total = total);
@@ -121,7 +136,7 @@ pub fn migrate(vm: &Vm, uri: &MigrationUri, progress: &Progress) -> Result<Summa
     for d in &s.devices {
         d.lock().save_cleanup();
     }
-    if result.is_err() && vm.paused() {
+    if result.is_err() && vm.paused() && !s.committed {
         for d in &s.devices {
             if let Err(e) = d.lock().vm_state_changed(true) {
                 log::warn!("migration: device {} on resume: {e}", d.id);
@@ -155,6 +170,9 @@ impl Sender<'_> {
                 self.send_range(&b, e.start / PAGE_SIZE as u64..e.end / PAGE_SIZE as u64)?;
             }
         }
+        if self.postcopy_now(ack.is_some()) {
+            return self.postcopy_switch(ack, 0, started);
+        }
         self.iterate_devices()?;
         let mut last_round = round_start.elapsed();
         log::info!("migration: round 0 sent {} bytes in {:.3} s", self.out.bytes_written(), last_round.as_secs_f64());
@@ -164,6 +182,9 @@ impl Sender<'_> {
             round += 1;
             let t = Instant::now();
             let dirty = self.send_dirty()?;
+            if self.postcopy_now(ack.is_some()) {
+                return self.postcopy_switch(ack, round, started);
+            }
             self.iterate_devices()?;
             let elapsed = t.elapsed().max(Duration::from_micros(1));
             let pending_devices = self.pending_devices(false)?;
@@ -211,18 +232,7 @@ impl Sender<'_> {
             d.lock().vm_state_changed(false).map_err(dev_err(d, "vm_state_changed(stop)"))?;
         }
         self.send_dirty()?;
-        for d in &self.devices {
-            let mut dev = d.lock();
-            let version = dev.state_version();
-            let data = dev.save_live_complete_precopy().map_err(dev_err(d, "save_live_complete_precopy"))?;
-            self.out.write_device(&d.kind, &d.id, version, DeviceStage::Complete, &data)?;
-        }
-        let mut vm_state = Some(self.vm.save_vm_state()?);
-        for (i, vcpu) in self.vm.save_vcpu_state()?.into_iter().enumerate() {
-            let payload = VcpuPayload { vcpu, vm: vm_state.take() };
-            let data = serde_json::to_vec(&payload).map_err(|e| MigrationError::Encode(e.to_string()))?;
-            self.out.write_vcpu(i as u32, &data)?;
-        }
+        self.send_final_state()?;
         let bytes = self.out.bytes_written();
         self.out.write_end()?;
         if let Some(ack) = ack {
@@ -242,13 +252,23 @@ impl Sender<'_> {
     fn send_dirty(&mut self) -> Result<u64, MigrationError> {
         let mut count = 0;
         for b in self.blocks.clone() {
-            let bitmap = self.vm.get_and_clear_block_dirty(&b.name)?;
+            let mut bitmap = self.vm.get_and_clear_block_dirty(&b.name)?;
+            if let Some(c) = self.carry.remove(&b.name) {
+                for (w, x) in bitmap.iter_mut().zip(c) {
+                    *w |= x;
+                }
+            }
             let mut pages = std::mem::take(&mut self.pages);
             pages.clear();
             dirty_pages(&bitmap, &mut pages);
             count += pages.len() as u64;
-            for chunk in pages.chunks(PAGES_PER_STEP as usize) {
+            for (n, chunk) in pages.chunks(PAGES_PER_STEP as usize).enumerate() {
                 self.check_cancel()?;
+                if self.progress.postcopy_requested() {
+                    let rest = pages[n * PAGES_PER_STEP as usize..].to_vec();
+                    self.carry_pages(&b, rest);
+                    break;
+                }
                 // SAFETY: the block stays registered for the migration (its
                 // device cannot be removed while the VM's device list is
                 // held by the engine); concurrent guest writes are re-sent.
@@ -265,12 +285,123 @@ impl Sender<'_> {
         let mut at = pages.start;
         while at < pages.end {
             self.check_cancel()?;
+            if self.progress.postcopy_requested() {
+                self.carry_pages(b, at..pages.end);
+                return Ok(());
+            }
             let end = (at + PAGES_PER_STEP).min(pages.end);
             // SAFETY: as in `send_dirty`.
             let mem = unsafe { block_bytes(b) };
             let st = self.out.write_ram_range(&b.name, mem, at..end)?;
             self.account(st);
             at = end;
+        }
+        Ok(())
+    }
+
+    fn carry_pages(&mut self, b: &RamBlock, pages: impl IntoIterator<Item = u64>) {
+        let words = (b.size / PAGE_SIZE as u64).div_ceil(64) as usize;
+        let bm = self.carry.entry(b.name.clone()).or_insert_with(|| vec![0; words]);
+        for p in pages {
+            if let Some(w) = bm.get_mut((p / 64) as usize) {
+                *w |= 1 << (p % 64);
+            }
+        }
+    }
+
+    /// Whether to switch to post-copy now: asked for, possible, and not
+    /// blocked by a device (which says why in `query-migrate`).
+    fn postcopy_now(&mut self, return_path: bool) -> bool {
+        if !self.progress.postcopy_requested() {
+            return false;
+        }
+        let blocked = if !return_path {
+            Some("post-copy needs a return path (tcp: or unix:, not file:)".to_owned())
+        } else {
+            let bw = self.progress.stats().bandwidth;
+            postcopy_blocker(&self.devices, bw, self.progress.params().max_downtime)
+        };
+        self.progress.set_extra("postcopy-devices", device_report(&self.devices));
+        if let Some(why) = blocked {
+            log::warn!("migration: post-copy blocked: {why}; pre-copy goes on");
+            self.progress.set_extra("postcopy-blocked", serde_json::json!(why));
+            self.progress.request_postcopy(false);
+            // Pages carried over for post-copy go in the next round.
+            return false;
+        }
+        true
+    }
+
+    /// Stop the guest, send device and vCPU state and the pages still to
+    /// come, let the destination run, and serve its pages until all are
+    /// there. From the run section on, the guest never runs here again.
+    fn postcopy_switch(&mut self, ack: Option<MigrationStream>, rounds: u32, started: Instant) -> Result<Summary, MigrationError> {
+        let mut ret = ack.ok_or_else(|| MigrationError::Incoming("post-copy needs a return path".into()))?;
+        let stop = Instant::now();
+        self.vm.pause()?;
+        self.progress.set_status(Status::Device);
+        for d in &self.devices {
+            d.lock().vm_state_changed(false).map_err(dev_err(d, "vm_state_changed(stop)"))?;
+        }
+        let mut pc_blocks = Vec::new();
+        for b in self.blocks.clone() {
+            let mut bitmap = self.vm.get_and_clear_block_dirty(&b.name)?;
+            if let Some(c) = self.carry.remove(&b.name) {
+                for (w, x) in bitmap.iter_mut().zip(c) {
+                    *w |= x;
+                }
+            }
+            let pages = b.size / PAGE_SIZE as u64;
+            bitmap.resize(pages.div_ceil(64) as usize, 0);
+            self.out.write_postcopy_pending(&b.name, &bitmap)?;
+            pc_blocks.push(PcBlock { unsent: AtomicBitmap::from_words(&bitmap, pages), pending: bitmap, block: b });
+        }
+        let pending: u64 = pc_blocks.iter().map(|b| b.unsent.count()).sum();
+        self.send_final_state()?;
+        self.out.flush()?;
+        ret.set_read_timeout(Some(pc_source::HANDSHAKE_TIMEOUT));
+        let config = config_section(self.vm);
+        match RetMsg::read(&mut ret, &config) {
+            Ok(RetMsg::Ready) => {}
+            Ok(other) => return Err(MigrationError::Refused(format!("expected post-copy readiness, got {other:?}"))),
+            Err(RetPathError::Remote(m)) => return Err(MigrationError::Refused(m)),
+            Err(e) => return Err(MigrationError::NoAck(e.to_string())),
+        }
+        ret.set_read_timeout(None);
+        let urgent = pc_source::connect_urgent(&self.uri, &config)?;
+        // From here on the destination may run the guest.
+        self.committed = true;
+        self.out.write_postcopy_run()?;
+        let downtime = stop.elapsed();
+        self.progress.update(|st| st.downtime_ms = Some(downtime.as_millis() as u64));
+        log::info!(
+            "migration: post-copy after {rounds} rounds: guest stopped for {:.1} ms, {pending} pages still to send",
+            downtime.as_secs_f64() * 1e3
+        );
+        // The main stream moves to the post-copy session; what stays here
+        // is a writer to nowhere (nothing writes to it any more).
+        let out = std::mem::replace(&mut self.out, StreamWriter::new(MigrationStream::FileWrite(std::io::BufWriter::new(null_file()?)))?);
+        let session = pc_source::Session { main: out, ret, urgent };
+        let requests = pc_source::run(&pc_blocks, &config, session, self.progress)?;
+        let bytes = self.progress.stats().transferred;
+        self.progress.update(|st| st.remaining = 0);
+        log::info!("migration: post-copy completed, {requests} pages requested, {:.3} s in all", started.elapsed().as_secs_f64());
+        Ok(Summary { rounds, bytes, total_time: started.elapsed(), downtime })
+    }
+
+    /// Every device's final state and the vCPU and VM state (VM stopped).
+    fn send_final_state(&mut self) -> Result<(), MigrationError> {
+        for d in &self.devices {
+            let mut dev = d.lock();
+            let version = dev.state_version();
+            let data = dev.save_live_complete_precopy().map_err(dev_err(d, "save_live_complete_precopy"))?;
+            self.out.write_device(&d.kind, &d.id, version, DeviceStage::Complete, &data)?;
+        }
+        let mut vm_state = Some(self.vm.save_vm_state()?);
+        for (i, vcpu) in self.vm.save_vcpu_state()?.into_iter().enumerate() {
+            let payload = VcpuPayload { vcpu, vm: vm_state.take() };
+            let data = serde_json::to_vec(&payload).map_err(|e| MigrationError::Encode(e.to_string()))?;
+            self.out.write_vcpu(i as u32, &data)?;
         }
         Ok(())
     }
@@ -339,6 +470,57 @@ impl Sender<'_> {
             Ok(())
         }
     }
+}
+
+fn null_file() -> Result<std::fs::File, MigrationError> {
+    std::fs::OpenOptions::new().write(true).open("/dev/null").map_err(|e| MigrationError::Incoming(format!("/dev/null: {e}")))
+}
+
+/// The first device that keeps post-copy from starting, and why: one
+/// whose state must go before the switch-over (`must_precopy`) and would
+/// not fit the downtime budget at the measured bandwidth, or one that
+/// cannot say how much it has.
+pub fn postcopy_blocker(devices: &[Arc<HostDevice>], bandwidth: u64, max_downtime: Duration) -> Option<String> {
+    let budget = (bandwidth as f64 * max_downtime.as_secs_f64()) as u64;
+    for d in devices {
+        match d.lock().state_pending_exact() {
+            Err(e) => return Some(format!("device {} cannot report its pending state: {e}", d.id)),
+            Ok(p) if bandwidth > 0 && p.must_precopy > budget => {
+                return Some(format!(
+                    "device {} has {} bytes that must be sent before the switch-over (must_precopy), more than the {} ms downtime limit allows at {} bytes/s",
+                    d.id,
+                    p.must_precopy,
+                    max_downtime.as_millis(),
+                    bandwidth
+                ))
+            }
+            Ok(_) => {}
+        }
+    }
+    None
+}
+
+/// What each device does at the switch to post-copy, for `query-migrate`.
+pub fn device_report(devices: &[Arc<HostDevice>]) -> serde_json::Value {
+    let list: Vec<_> = devices
+        .iter()
+        .map(|d| {
+            let p = d.lock().state_pending_estimate();
+            let (must, can) = p.map(|p| (p.must_precopy, p.can_postcopy)).unwrap_or((0, 0));
+            serde_json::json!({
+                "id": d.id,
+                "kind": d.kind,
+                "must-precopy": must,
+                "can-postcopy": can,
+                "postcopy": if can == 0 {
+                    "no: finishes in pre-copy (its state goes with the vCPU state at the switch-over)"
+                } else {
+                    "its post-copy state goes at the switch-over"
+                },
+            })
+        })
+        .collect();
+    serde_json::Value::Array(list)
 }
 
 /// A write that failed because the destination hung up may have a reason

@@ -1003,6 +1003,7 @@ fn over_transport(uri: &MigrationUri) {
             Section::Device(d) => assert_eq!(d.data, vec![3; 5000]),
             Section::Vcpu(v) => assert_eq!(v.data, b"regs"),
             Section::End { .. } => break,
+            other => panic!("unexpected {other:?}"),
         }
     }
     if let Some(t) = sender {

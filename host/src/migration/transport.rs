@@ -131,6 +131,35 @@ pub enum MigrationStream {
 }
 
 impl MigrationStream {
+    /// Shut the connection down in both directions (every handle on it
+    /// sees EOF or an error); a no-op for files.
+    pub fn shutdown(&self) {
+        match self {
+            Self::Tcp(s) => drop(s.shutdown(std::net::Shutdown::Both)),
+            Self::Unix(s) => drop(s.shutdown(std::net::Shutdown::Both)),
+            _ => {}
+        }
+    }
+
+    /// Send small writes at once (return path, urgent pages): Nagle's
+    /// algorithm with delayed ACKs would hold them for tens of ms.
+    pub fn set_nodelay(&self) {
+        if let Self::Tcp(s) = self {
+            if let Err(e) = s.set_nodelay(true) {
+                log::warn!("migration: TCP_NODELAY: {e}");
+            }
+        }
+    }
+
+    /// Bound blocking reads (None = wait forever).
+    pub fn set_read_timeout(&self, t: Option<std::time::Duration>) {
+        match self {
+            Self::Tcp(s) => drop(s.set_read_timeout(t)),
+            Self::Unix(s) => drop(s.set_read_timeout(t)),
+            _ => {}
+        }
+    }
+
     /// A second handle on the same connection, for a return path.
     pub fn try_clone(&self) -> Result<Self, TransportError> {
         match self {
@@ -305,6 +334,40 @@ impl MigrationListener {
             },
             Self::Unix(_, p) => MigrationUri::Unix(p.clone()),
             Self::File(p) => MigrationUri::File(p.clone()),
+        }
+    }
+
+    /// Accept a connection and keep listening (post-copy accepts a second,
+    /// urgent-page connection on the same address); [`close`](Self::close)
+    /// when done.
+    pub fn accept_next(&self) -> Result<MigrationStream, TransportError> {
+        let uri = self.uri();
+        Ok(match self {
+            Self::Tcp(l) => {
+                let (s, peer) = l.accept().map_err(|e| TransportError::Accept(uri.to_string(), e))?;
+                log::info!("migration: accepted {peer} on {uri}");
+                tune_tcp(&s)?;
+                MigrationStream::Tcp(s)
+            }
+            Self::Unix(l, _) => {
+                let (s, _) = l.accept().map_err(|e| TransportError::Accept(uri.to_string(), e))?;
+                log::info!("migration: accepted a connection on {uri}");
+                set_buffers(&s)?;
+                MigrationStream::Unix(s)
+            }
+            Self::File(path) => {
+                let f = File::open(path).map_err(|e| TransportError::File(path.clone(), e))?;
+                MigrationStream::FileRead(BufReader::with_capacity(FILE_BUFFER, f))
+            }
+        })
+    }
+
+    /// Stop listening (a UNIX socket's path is removed).
+    pub fn close(self) {
+        if let Self::Unix(_, path) = &self {
+            if let Err(e) = std::fs::remove_file(path) {
+                log::warn!("migration: cannot remove socket {}: {e}", path.display());
+            }
         }
     }
 
