@@ -6,21 +6,14 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{mpsc, Arc, Mutex},
     time::{Duration, Instant},
 };
 
+use common::process::{assert_verified, dmhost, VmProcess};
+
 use dmhost::{control_client::ControlClient, testing::kvm_or_skip};
 use serde_json::json;
-
-fn dmhost() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_dmhost"));
-    c.arg("--plugin-dir").arg(common::target_dir());
-    c
-}
 
 /// A small migrate-verify VM: 64 MiB RAM, a 16 MiB pc-dimm, a 4 MiB NVDIMM.
 fn write_config(dir: &Path, rounds: u64, with_nvdimm: bool) -> PathBuf {
@@ -43,104 +36,8 @@ fn write_config_with(dir: &Path, name: &str, rounds: u64, nvdimm: Option<&str>) 
     p
 }
 
-/// A running `dmhost run` whose stdout and stderr lines are collected.
-struct Vm {
-    child: Child,
-    out: Arc<Mutex<Vec<String>>>,
-    err: Arc<Mutex<Vec<String>>>,
-}
-
-fn collect(r: impl std::io::Read + Send + 'static, sink: Arc<Mutex<Vec<String>>>, tx: Option<mpsc::Sender<String>>) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(r).lines().map_while(Result::ok) {
-            if let Some(tx) = &tx {
-                let _ = tx.send(line.clone());
-            }
-            sink.lock().unwrap().push(line);
-        }
-    });
-}
-
-impl Vm {
-    fn spawn(args: &[&str], config: &Path) -> (Self, mpsc::Receiver<String>) {
-        let mut child = dmhost()
-            .arg("run")
-            .arg(config)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (out, err) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
-        let (tx, rx) = mpsc::channel();
-        collect(child.stdout.take().unwrap(), out.clone(), None);
-        collect(child.stderr.take().unwrap(), err.clone(), Some(tx));
-        (Self { child, out, err }, rx)
-    }
-
-    /// A destination listening on a free port; returns it and its URI.
-    fn destination(config: &Path, uri: &str) -> (Self, String) {
-        Self::destination_with(config, uri, &[])
-    }
-
-    fn destination_with(config: &Path, uri: &str, extra: &[&str]) -> (Self, String) {
-        let mut args = vec!["--incoming", uri];
-        args.extend_from_slice(extra);
-        let (vm, rx) = Self::spawn(&args, config);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("destination did not listen");
-            if let Some(u) = line.strip_prefix("dmhost: waiting for an incoming migration on ") {
-                return (vm, u.to_owned());
-            }
-        }
-    }
-
-    fn wait_stdout(&self, needle: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if self.out.lock().unwrap().iter().any(|l| l.contains(needle)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("no {needle:?} in stdout: {:?}", self.out.lock().unwrap());
-    }
-
-    fn finish(mut self, timeout: Duration) -> (i32, Vec<String>, Vec<String>) {
-        let deadline = Instant::now() + timeout;
-        let code = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s.code().unwrap_or(-1);
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("VM did not exit; stdout {:?} stderr {:?}", self.out.lock().unwrap(), self.err.lock().unwrap());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        std::thread::sleep(Duration::from_millis(100));
-        let out = self.out.lock().unwrap().clone();
-        let err = self.err.lock().unwrap().clone();
-        (code, out, err)
-    }
-}
-
-fn source(dir: &Path, config: &Path) -> (Vm, PathBuf) {
-    let sock = dir.join("src.sock");
-    let (vm, _) = Vm::spawn(&["--control", sock.to_str().unwrap()], config);
-    vm.wait_stdout("round 0x0000000000000010", Duration::from_secs(20));
-    (vm, sock)
-}
-
 fn migrate(sock: &Path, to: &str, extra: &[&str]) -> std::process::Output {
     dmhost().args(["migrate", "--control", sock.to_str().unwrap(), "--to", to]).args(extra).output().unwrap()
-}
-
-fn assert_verified(code: i32, out: &[String], err: &[String], rounds: u64) {
-    let want = format!("migrate-verify: 0x{rounds:016x} rounds verified");
-    assert_eq!(code, 0, "stdout {out:?}\nstderr {err:?}");
-    assert!(out.contains(&want), "no {want:?} in {out:?}");
 }
 
 #[test]
@@ -151,8 +48,8 @@ fn live_migration_over_tcp_keeps_every_page() {
     let dir = tempfile::tempdir().unwrap();
     let rounds = 500;
     let cfg = write_config(dir.path(), rounds, true);
-    let (dst, uri) = Vm::destination(&cfg, "tcp:127.0.0.1:0");
-    let (src, sock) = source(dir.path(), &cfg);
+    let (dst, uri) = VmProcess::destination(&cfg, "tcp:127.0.0.1:0", &[]);
+    let (src, sock) = VmProcess::source(dir.path(), &cfg);
     let out = migrate(&sock, &uri, &["--max-downtime", "50"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "migrate: {stdout} {}", String::from_utf8_lossy(&out.stderr));
@@ -176,13 +73,13 @@ fn snapshot_to_file_and_restore_in_a_new_process() {
     let rounds = 300;
     let cfg = write_config(dir.path(), rounds, true);
     let snap = dir.path().join("vm.snap");
-    let (src, sock) = source(dir.path(), &cfg);
+    let (src, sock) = VmProcess::source(dir.path(), &cfg);
     let out = migrate(&sock, &format!("file:{}", snap.display()), &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(src.finish(Duration::from_secs(20)).0, 0);
     assert!(std::fs::metadata(&snap).unwrap().len() > 16 << 20, "the snapshot holds the touched memory");
 
-    let (dst, _) = Vm::destination(&cfg, &format!("file:{}", snap.display()));
+    let (dst, _) = VmProcess::destination(&cfg, &format!("file:{}", snap.display()), &[]);
     let (code, out, err) = dst.finish(Duration::from_secs(60));
     assert_verified(code, &out, &err, rounds);
 }
@@ -195,8 +92,8 @@ fn killing_the_destination_mid_stream_leaves_the_source_running() {
     let dir = tempfile::tempdir().unwrap();
     let rounds = 1500;
     let cfg = write_config(dir.path(), rounds, true);
-    let (mut dst, uri) = Vm::destination(&cfg, "tcp:127.0.0.1:0");
-    let (src, sock) = source(dir.path(), &cfg);
+    let (mut dst, uri) = VmProcess::destination(&cfg, "tcp:127.0.0.1:0", &[]);
+    let (src, sock) = VmProcess::source(dir.path(), &cfg);
     // Slow the stream so the kill lands in the middle of it.
     let mut c = ControlClient::connect(&sock).unwrap();
     c.execute("migrate-set-parameters", json!({"max-bandwidth": 20_000_000})).unwrap();
@@ -221,7 +118,7 @@ fn killing_the_destination_mid_stream_leaves_the_source_running() {
     drop(c);
 
     // A second attempt, to a fresh destination, succeeds.
-    let (dst2, uri2) = Vm::destination(&cfg, "tcp:127.0.0.1:0");
+    let (dst2, uri2) = VmProcess::destination(&cfg, "tcp:127.0.0.1:0", &[]);
     let out = migrate(&sock, &uri2, &["--max-bandwidth", "0"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(src.finish(Duration::from_secs(20)).0, 0);
@@ -238,8 +135,8 @@ fn incompatible_destination_refuses_and_the_source_runs_on() {
     let rounds = 300;
     let cfg = write_config(dir.path(), rounds, true);
     let other = write_config(dir.path(), rounds, false);
-    let (dst, uri) = Vm::destination(&other, "tcp:127.0.0.1:0");
-    let (src, sock) = source(dir.path(), &cfg);
+    let (dst, uri) = VmProcess::destination(&other, "tcp:127.0.0.1:0", &[]);
+    let (src, sock) = VmProcess::source(dir.path(), &cfg);
     let out = migrate(&sock, &uri, &[]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -278,8 +175,8 @@ fn nvdimm_label_area_migrates_though_the_guest_cannot_see_it() {
     );
     let dst_cfg = write_config_with(dir.path(), "dst.toml", rounds, Some("{ size = \"4M\" }"));
     let dsock = dir.path().join("dst.sock");
-    let (dst, uri) = Vm::destination_with(&dst_cfg, "tcp:127.0.0.1:0", &["--control", dsock.to_str().unwrap()]);
-    let (src, sock) = source(dir.path(), &src_cfg);
+    let (dst, uri) = VmProcess::destination(&dst_cfg, "tcp:127.0.0.1:0", &["--control", dsock.to_str().unwrap()]);
+    let (src, sock) = VmProcess::source(dir.path(), &src_cfg);
     let out = migrate(&sock, &uri, &["--keep-source"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 

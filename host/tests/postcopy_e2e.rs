@@ -9,21 +9,14 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{mpsc, Arc, Mutex},
     time::{Duration, Instant},
 };
 
+use common::process::{self, dmhost, VmProcess};
+
 use dmhost::{control_client::ControlClient, testing::kvm_or_skip};
 use serde_json::{json, Value};
-
-fn dmhost() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_dmhost"));
-    c.arg("--plugin-dir").arg(common::target_dir());
-    c
-}
 
 /// 64 MiB RAM and a 16 MiB pc-dimm, every page written each round.
 fn write_config(dir: &Path, rounds: u64) -> PathBuf {
@@ -37,93 +30,8 @@ fn write_config(dir: &Path, rounds: u64) -> PathBuf {
     p
 }
 
-struct Vm {
-    child: Child,
-    out: Arc<Mutex<Vec<String>>>,
-    err: Arc<Mutex<Vec<String>>>,
-}
-
-fn collect(r: impl std::io::Read + Send + 'static, sink: Arc<Mutex<Vec<String>>>, tx: Option<mpsc::Sender<String>>) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(r).lines().map_while(Result::ok) {
-            if let Some(tx) = &tx {
-                let _ = tx.send(line.clone());
-            }
-            sink.lock().unwrap().push(line);
-        }
-    });
-}
-
-impl Vm {
-    fn spawn(args: &[&str], config: &Path) -> (Self, mpsc::Receiver<String>) {
-        let mut child = dmhost()
-            .arg("run")
-            .arg(config)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (out, err) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
-        let (tx, rx) = mpsc::channel();
-        collect(child.stdout.take().unwrap(), out.clone(), None);
-        collect(child.stderr.take().unwrap(), err.clone(), Some(tx));
-        (Self { child, out, err }, rx)
-    }
-
-    fn destination(config: &Path, sock: &Path) -> (Self, String) {
-        let (vm, rx) = Self::spawn(&["--incoming", "tcp:127.0.0.1:0", "--control", sock.to_str().unwrap()], config);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("destination did not listen");
-            if let Some(u) = line.strip_prefix("dmhost: waiting for an incoming migration on ") {
-                return (vm, u.to_owned());
-            }
-        }
-    }
-
-    fn wait_stdout(&self, needle: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if self.out.lock().unwrap().iter().any(|l| l.contains(needle)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("no {needle:?} in stdout: {:?}", self.out.lock().unwrap());
-    }
-
-    fn finish(mut self, timeout: Duration) -> (i32, Vec<String>, Vec<String>) {
-        let deadline = Instant::now() + timeout;
-        let code = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s.code().unwrap_or(-1);
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("VM did not exit; stdout {:?} stderr {:?}", self.out.lock().unwrap(), self.err.lock().unwrap());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        std::thread::sleep(Duration::from_millis(100));
-        let out = self.out.lock().unwrap().clone();
-        let err = self.err.lock().unwrap().clone();
-        (code, out, err)
-    }
-}
-
-fn source(dir: &Path, config: &Path) -> (Vm, PathBuf) {
-    let sock = dir.join("src.sock");
-    let (vm, _) = Vm::spawn(&["--control", sock.to_str().unwrap()], config);
-    vm.wait_stdout("round 0x0000000000000010", Duration::from_secs(30));
-    (vm, sock)
-}
-
 fn assert_verified(code: i32, out: &[String], err: &[String], rounds: u64) {
-    let want = format!("migrate-verify: 0x{rounds:016x} rounds verified");
-    assert_eq!(code, 0, "stdout {out:?}\nstderr {err:?}");
-    assert!(out.contains(&want), "no {want:?} in {out:?}");
+    process::assert_verified(code, out, err, rounds);
     assert!(!out.iter().any(|l| l.contains("migrate-verify: start")), "the destination continued the source's run: {out:?}");
 }
 
@@ -148,8 +56,8 @@ fn postcopy_migrates_a_guest_that_outruns_the_link() {
     let rounds = 40000;
     let cfg = write_config(dir.path(), rounds);
     let dst_sock = dir.path().join("dst.sock");
-    let (dst, uri) = Vm::destination(&cfg, &dst_sock);
-    let (src, sock) = source(dir.path(), &cfg);
+    let (dst, uri) = VmProcess::destination(&cfg, "tcp:127.0.0.1:0", &["--control", dst_sock.to_str().unwrap()]);
+    let (src, sock) = VmProcess::source(dir.path(), &cfg);
     // 40 MB/s: one round dirties 80 MiB, so pre-copy never converges.
     let out = dmhost()
         .args(["migrate", "--control", sock.to_str().unwrap(), "--to", &uri])
@@ -197,8 +105,8 @@ fn postcopy_recovers_after_the_connection_breaks() {
     let rounds = 40000;
     let cfg = write_config(dir.path(), rounds);
     let dst_sock = dir.path().join("dst.sock");
-    let (dst, uri) = Vm::destination(&cfg, &dst_sock);
-    let (src, sock) = source(dir.path(), &cfg);
+    let (dst, uri) = VmProcess::destination(&cfg, "tcp:127.0.0.1:0", &["--control", dst_sock.to_str().unwrap()]);
+    let (src, sock) = VmProcess::source(dir.path(), &cfg);
     let mut c = ControlClient::connect(&sock).unwrap();
     // A slow background stream keeps post-copy going long enough to cut it.
     c.execute("migrate-set-parameters", json!({"max-bandwidth": 40_000_000, "max-postcopy-bandwidth": 8_000_000})).unwrap();

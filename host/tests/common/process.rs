@@ -1,0 +1,118 @@
+//! `dmhost run` as a child process, with its stdout and stderr lines
+//! collected: the harness of the two-process migration tests.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{mpsc, Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+/// The dmhost binary, finding plugins in the target directory.
+pub fn dmhost() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dmhost"));
+    c.arg("--plugin-dir").arg(super::target_dir());
+    c
+}
+
+/// A running `dmhost run`.
+pub struct VmProcess {
+    pub child: Child,
+    pub out: Arc<Mutex<Vec<String>>>,
+    pub err: Arc<Mutex<Vec<String>>>,
+}
+
+fn collect(r: impl std::io::Read + Send + 'static, sink: Arc<Mutex<Vec<String>>>, tx: Option<mpsc::Sender<String>>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            if let Some(tx) = &tx {
+                let _ = tx.send(line.clone());
+            }
+            sink.lock().unwrap().push(line);
+        }
+    });
+}
+
+impl VmProcess {
+    /// `dmhost run CONFIG ARGS...`; stderr lines also go to the receiver.
+    pub fn spawn(args: &[&str], config: &Path) -> (Self, mpsc::Receiver<String>) {
+        let mut child = dmhost()
+            .arg("run")
+            .arg(config)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (out, err) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
+        let (tx, rx) = mpsc::channel();
+        collect(child.stdout.take().unwrap(), out.clone(), None);
+        collect(child.stderr.take().unwrap(), err.clone(), Some(tx));
+        (Self { child, out, err }, rx)
+    }
+
+    /// A destination waiting on `uri` (`tcp:…:0` picks a port); returns it
+    /// and the URI it listens on.
+    pub fn destination(config: &Path, uri: &str, extra: &[&str]) -> (Self, String) {
+        let mut args = vec!["--incoming", uri];
+        args.extend_from_slice(extra);
+        let (vm, rx) = Self::spawn(&args, config);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("destination did not listen");
+            if let Some(u) = line.strip_prefix("dmhost: waiting for an incoming migration on ") {
+                return (vm, u.to_owned());
+            }
+        }
+    }
+
+    /// A source with a control socket in `dir`, once its guest has run 16
+    /// rounds of `migrate-verify`.
+    pub fn source(dir: &Path, config: &Path) -> (Self, PathBuf) {
+        let sock = dir.join("src.sock");
+        let (vm, _) = Self::spawn(&["--control", sock.to_str().unwrap()], config);
+        vm.wait_stdout("round 0x0000000000000010", Duration::from_secs(30));
+        (vm, sock)
+    }
+
+    pub fn wait_stdout(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.out.lock().unwrap().iter().any(|l| l.contains(needle)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("no {needle:?} in stdout: {:?}", self.out.lock().unwrap());
+    }
+
+    /// Wait for the exit: (code, stdout lines, stderr lines).
+    pub fn finish(mut self, timeout: Duration) -> (i32, Vec<String>, Vec<String>) {
+        let deadline = Instant::now() + timeout;
+        let code = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s.code().unwrap_or(-1);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("VM did not exit; stdout {:?} stderr {:?}", self.out.lock().unwrap(), self.err.lock().unwrap());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        let out = self.out.lock().unwrap().clone();
+        let err = self.err.lock().unwrap().clone();
+        (code, out, err)
+    }
+}
+
+/// The migrate-verify guest finished `rounds` verified rounds and exited 0.
+pub fn assert_verified(code: i32, out: &[String], err: &[String], rounds: u64) {
+    let want = format!("migrate-verify: 0x{rounds:016x} rounds verified");
+    assert_eq!(code, 0, "stdout {out:?}\nstderr {err:?}");
+    assert!(out.contains(&want), "no {want:?} in {out:?}");
+}
