@@ -18,7 +18,7 @@ use abi_stable::{
 
 use crate::{
     Device, DeviceBox, DeviceKind, DeviceModel, Device_TO, DsmReply, DsmRequest, ErrorKind,
-    GuestRegion, Host, LogLevel, LogSinkBox, MemoryRegion, PendingSize, PlugInfo, PluginError,
+    GuestRegion, Host, IntxRoute, LogLevel, LogSinkBox, MemoryRegion, PendingSize, PlugInfo, PluginError,
     PluginModule, PluginModule_Ref, SaveChunk,
 };
 
@@ -277,6 +277,13 @@ impl Device for Guarded {
 
     fn is_fenced(&self) -> bool {
         self.fenced.load(Ordering::Relaxed)
+    }
+
+    fn intx_set(&mut self, devfn: u32, pin: u32, level: bool) -> RResult<(), PluginError> {
+        self.call_mut("intx_set", |d| d.intx_set(devfn, pin, level))
+    }
+    fn intx_route(&mut self, devfn: u32, pin: u32) -> RResult<IntxRoute, PluginError> {
+        self.call_mut("intx_route", |d| d.intx_route(devfn, pin))
     }
 }
 

@@ -56,6 +56,18 @@ pub trait HostServices: Send + Sync + Clone {
     /// Write guest memory (DMA).
     #[sabi(last_prefix_field)]
     fn write_guest(&self, gpa: u64, buf: RSlice<'_, u8>) -> RResult<(), PluginError>;
+
+    // ---- appended (iohub): has a default body, which is also what a
+    // caller gets from a host built before it.
+
+    /// Drive PCI INTx pin `pin` (1 = INTA .. 4 = INTD) of function `devfn`
+    /// to `level`, through the VM's INTx router (the iohub). The first
+    /// device to drive a `devfn` owns it; another device is refused.
+    fn set_intx(&self, devfn: u32, pin: u32, level: bool) -> RResult<(), PluginError> {
+        RResult::RErr(PluginError::unsupported(format!(
+            "this host has no INTx router (devfn {devfn:#x} pin {pin} level {level})"
+        )))
+    }
 }
 
 /// The host-services object type a device holds.
