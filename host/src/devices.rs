@@ -46,6 +46,22 @@ impl DeviceImpl {
         }
     }
 
+    /// INTx router: `devfn`'s pin `pin` to `level` (see `crate::intx`).
+    pub fn intx_set(&mut self, devfn: u32, pin: u32, level: bool) -> Result<(), PluginError> {
+        match self {
+            DeviceImpl::Plugin(d) => d.intx_set(devfn, pin, level).into_result(),
+            DeviceImpl::Builtin(d) => d.intx_set(devfn, pin, level),
+        }
+    }
+
+    /// INTx router: where `devfn`'s pin `pin` is wired.
+    pub fn intx_route(&mut self, devfn: u32, pin: u32) -> Result<dmhost_plugin_api::IntxRoute, PluginError> {
+        match self {
+            DeviceImpl::Plugin(d) => d.intx_route(devfn, pin).into_result(),
+            DeviceImpl::Builtin(d) => d.intx_route(devfn, pin),
+        }
+    }
+
     fn read(&mut self, space: IoSpace, addr: u64, data: &mut [u8]) -> Result<(), PluginError> {
         match (self, space) {
             (DeviceImpl::Plugin(d), IoSpace::Mmio) => d.mmio_read(addr, RSliceMut::from_mut_slice(data)).into_result(),

@@ -10,6 +10,7 @@ pub mod control;
 pub mod devices;
 pub mod elf;
 pub mod guest;
+pub mod intx;
 pub mod loader;
 pub mod migration;
 pub mod run;

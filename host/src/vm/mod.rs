@@ -88,6 +88,8 @@ pub struct VmShared {
     pub bus: Arc<IoBus>,
     pub physmap: Mutex<Physmap>,
     pub ram_blocks: Mutex<RamRegistry>,
+    /// PCI INTx: the router device and devfn ownership.
+    pub intx: crate::intx::IntxRouting,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -230,6 +232,7 @@ impl Vm {
             bus: Arc::new(IoBus::new()),
             physmap: Mutex::new(physmap),
             ram_blocks: Mutex::new(ram_blocks),
+            intx: Default::default(),
         });
         let vm = Self {
             shared,
@@ -491,6 +494,7 @@ impl Vm {
             devices.push(DeviceEntry { device: Arc::clone(&device), region });
         }
         lock(&self.services).push(services);
+        self.shared.intx.offer_router(&device);
         self.update_boot_info()?;
         log::info!("device {id} ({kind}) added{}", match region {
             Some((gpa, size)) => format!(", region at {gpa:#x} (+{size:#x})"),
@@ -532,6 +536,7 @@ impl Vm {
             log::error!("device {id}: releasing its guest-physical ranges failed: {e}");
         }
         lock(&self.shared.ram_blocks).unregister_owner(owner);
+        self.shared.intx.release(id);
         services.release_irqfds();
     }
 
