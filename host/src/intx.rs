@@ -20,6 +20,8 @@ use crate::devices::HostDevice;
 struct State {
     router: Option<(String, Weak<HostDevice>)>,
     devfns: BTreeMap<u32, String>,
+    /// Pins driven high, so a removed (or crashed) device's lines drop.
+    high: std::collections::BTreeSet<(u32, u32)>,
 }
 
 /// The VM's INTx routing table.
@@ -54,11 +56,28 @@ impl IntxRouting {
 
     /// Forget what device `id` held: the router role and its devfns.
     pub fn release(&self, id: &str) {
-        let mut st = self.lock();
-        if st.router.as_ref().is_some_and(|(r, _)| r == id) {
-            st.router = None;
+        let (router, dropped) = {
+            let mut st = self.lock();
+            if st.router.as_ref().is_some_and(|(r, _)| r == id) {
+                st.router = None;
+                st.high.clear();
+            }
+            let mine: Vec<u32> = st.devfns.iter().filter(|(_, o)| *o == id).map(|(d, _)| *d).collect();
+            st.devfns.retain(|_, owner| owner != id);
+            let dropped: Vec<(u32, u32)> = st.high.iter().filter(|(d, _)| mine.contains(d)).copied().collect();
+            for p in &dropped {
+                st.high.remove(p);
+            }
+            (st.router.as_ref().and_then(|(_, w)| w.upgrade()), dropped)
+        };
+        if let Some(router) = router {
+            for (devfn, pin) in dropped {
+                log::info!("device {id} removed holding INTx devfn {devfn:#x} pin {pin}: lowered");
+                if let Err(e) = router.lock().intx_set(devfn, pin, false) {
+                    log::warn!("device {id}: lowering INTx devfn {devfn:#x} pin {pin}: {e}");
+                }
+            }
         }
-        st.devfns.retain(|_, owner| owner != id);
     }
 
     fn claim_and_router(&self, id: &str, devfn: u32) -> Result<Arc<HostDevice>, PluginError> {
@@ -91,6 +110,14 @@ impl IntxRouting {
     pub fn set(&self, id: &str, devfn: u32, pin: u32, level: bool) -> Result<(), PluginError> {
         let router = self.claim_and_router(id, devfn)?;
         let r = router.lock().intx_set(devfn, pin, level);
+        if r.is_ok() {
+            let mut st = self.lock();
+            if level {
+                st.high.insert((devfn, pin));
+            } else {
+                st.high.remove(&(devfn, pin));
+            }
+        }
         r
     }
 

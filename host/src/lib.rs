@@ -13,6 +13,7 @@ pub mod guest;
 pub mod intx;
 pub mod loader;
 pub mod migration;
+pub mod remote;
 pub mod run;
 pub mod services;
 pub mod testing;

@@ -15,7 +15,6 @@ use crate::{
     cli::CliResult,
     config::{ConfigError, VmFileConfig},
     control::{register_vm_commands, CommandRegistry, ControlError, ControlServer},
-    devices::DeviceFactory,
     guest::{GuestError, GuestProgram},
     loader::{plugin_dirs, PluginRegistry},
     vm::{
@@ -108,12 +107,12 @@ fn run_vm(args: &RunArgs, extra_dirs: &[PathBuf]) -> Result<ExitCode, RunError> 
 
     let vm = Arc::new(Vm::new(VmConfig { ram_size: config.ram_size, vcpus: config.vcpus, serial: stdout_serial() })?);
     for d in &config.devices {
-        vm.add_device(&d.kind, &d.id, |host| DeviceFactory::create(&*registry, &d.kind, &d.id, &d.config, host))?;
+        crate::remote::add_device(&vm, &*registry, &d.kind, &d.id, &d.config, d.isolation)?;
     }
     vm.load_program(&program, &config.regs)?;
 
     let commands = Arc::new(CommandRegistry::new());
-    register_vm_commands(&commands, Arc::clone(&vm), Arc::clone(&registry) as Arc<dyn DeviceFactory>);
+    register_vm_commands(&commands, Arc::clone(&vm), Arc::clone(&registry) as Arc<dyn crate::devices::DeviceFactory>);
     let _server = match &args.control {
         Some(path) => Some(ControlServer::start(path, Arc::clone(&commands))?),
         None => None,

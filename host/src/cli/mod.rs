@@ -27,6 +27,15 @@ pub enum Command {
     Plugins(plugins::PluginsCommand),
     /// Run a VM from a configuration file; exits with the guest's exit code.
     Run(crate::run::RunArgs),
+    /// Internal: run one plugin device in this process, for a host that
+    /// spawned it (`isolation = "process"`).
+    #[command(hide = true)]
+    DeviceRunner {
+        #[arg(long)]
+        io_fd: i32,
+        #[arg(long)]
+        svc_fd: i32,
+    },
 }
 
 /// Errors a subcommand reports before exiting non-zero.
@@ -47,5 +56,9 @@ pub fn run(cli: Cli) -> CliResult {
     match cli.command {
         Command::Plugins(cmd) => plugins::run(cmd, &cli.plugin_dirs, cli.verbose),
         Command::Run(args) => crate::run::run(args, &cli.plugin_dirs),
+        Command::DeviceRunner { io_fd, svc_fd } => {
+            crate::remote::runner::run(io_fd, svc_fd)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

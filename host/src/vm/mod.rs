@@ -595,6 +595,7 @@ impl Vm {
                     mmio: of(IoSpace::Mmio),
                     pio: of(IoSpace::Pio),
                     fenced: d.lock().is_fenced(),
+                    failed: d.lock().is_failed(),
                 }
             })
             .collect()
