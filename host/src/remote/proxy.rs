@@ -372,3 +372,81 @@ fn handle(req: &Request, id: &str, host: &Host, vm: &Weak<VmShared>) -> Reply {
     };
     (r, Vec::new())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::DeviceServices;
+
+    fn fake(io: Channel) -> RemoteDevice {
+        let child = Command::new("sleep").arg("30").spawn().unwrap();
+        io.set_recv_timeout(Duration::from_secs(2)).unwrap();
+        RemoteDevice {
+            id: "fake".into(),
+            io,
+            child: Mutex::new(child),
+            failed: Arc::new(AtomicBool::new(false)),
+            svc: None,
+            region: None,
+            _mapping: None,
+        }
+    }
+
+    #[test]
+    fn garbage_replies_fence_the_device_without_panicking() {
+        for garbage in [vec![], vec![99u8], vec![0u8; 3], vec![0u8, 1, 2, 3, 4, 5, 6, 7, 8, 9]] {
+            let (host_end, dev_end) = Channel::pair().unwrap();
+            let mut d = fake(host_end);
+            let g = garbage.clone();
+            let t = std::thread::spawn(move || {
+                let _ = dev_end.recv();
+                let _ = dev_end.send(&g, &[]);
+                dev_end
+            });
+            let mut buf = [0u8; 4];
+            let r = d.read(IoSpace::Mmio, 0x1000, &mut buf);
+            let _keep = t.join().unwrap();
+            assert!(r.is_err(), "{garbage:?} accepted");
+            assert!(d.failed(), "{garbage:?}: device not fenced");
+            let again = d.write(IoSpace::Mmio, 0x1000, &[1]);
+            assert_eq!(again.unwrap_err().kind, ErrorKind::Fenced);
+        }
+    }
+
+    #[test]
+    fn silent_device_process_times_out_and_is_fenced() {
+        let (host_end, _dev_end) = Channel::pair().unwrap();
+        let mut d = fake(host_end);
+        let mut buf = [0u8; 8];
+        assert!(d.read(IoSpace::Pio, 0x10, &mut buf).is_err());
+        assert!(d.failed());
+    }
+
+    #[test]
+    fn malformed_service_requests_get_errors() {
+        let host = DeviceServices::new(Weak::new(), "x").host();
+        let vm = Weak::new();
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rnd = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for op in [64u8, 65, 66, 67, 68, 69, 70, 71, 72, 73, 1, 5, 255] {
+            for _ in 0..50 {
+                let n = (rnd() % 24) as usize;
+                let payload: Vec<u8> = (0..n).map(|_| rnd() as u8).collect();
+                let mut raw = vec![op];
+                raw.extend_from_slice(&rnd().to_le_bytes());
+                raw.extend_from_slice(&rnd().to_le_bytes());
+                raw.extend_from_slice(&payload);
+                if let Ok(req) = Request::decode(&raw) {
+                    let (r, fds) = handle(&req, "x", &host, &vm);
+                    assert!(r.is_err(), "{req:?} succeeded without a VM");
+                    assert!(fds.is_empty());
+                }
+            }
+        }
+    }
+}

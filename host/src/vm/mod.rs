@@ -581,6 +581,10 @@ impl Vm {
         let list: Vec<Listed> = lock(&self.devices).iter().map(|d| (Arc::clone(&d.device), d.region)).collect();
         list.into_iter()
             .map(|(d, region)| {
+                let (fenced, failed) = {
+                    let imp = d.lock();
+                    (imp.is_fenced(), imp.is_failed())
+                };
                 let of = |space| {
                     ranges
                         .iter()
@@ -594,8 +598,8 @@ impl Vm {
                     region,
                     mmio: of(IoSpace::Mmio),
                     pio: of(IoSpace::Pio),
-                    fenced: d.lock().is_fenced(),
-                    failed: d.lock().is_failed(),
+                    fenced,
+                    failed,
                 }
             })
             .collect()
