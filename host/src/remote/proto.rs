@@ -152,6 +152,9 @@ impl Request {
     }
 }
 
+/// A decoded reply: the data, or the device's (or host's) error.
+pub type Reply = Result<Vec<u8>, PluginError>;
+
 /// Encode a reply.
 pub fn encode_reply(r: &Result<Vec<u8>, PluginError>) -> Vec<u8> {
     match r {
@@ -350,7 +353,7 @@ impl Channel {
     }
 
     /// Send a request and wait for its reply.
-    pub fn call(&self, req: &Request, fds: &[RawFd]) -> Result<(Result<Vec<u8>, PluginError>, Vec<OwnedFd>), ProtoError> {
+    pub fn call(&self, req: &Request, fds: &[RawFd]) -> Result<(Reply, Vec<OwnedFd>), ProtoError> {
         self.send(&req.encode(), fds)?;
         let (b, fds) = self.recv()?;
         Ok((decode_reply(&b)?, fds))

@@ -308,7 +308,7 @@ fn serve(svc: &Channel, id: &str, host: &Host, vm: &Weak<VmShared>, failed: &Ato
                 (Err(PluginError::new(ErrorKind::InvalidState, format!("malformed request: {e}"))), Vec::new())
             }
         };
-        let raw: Vec<i32> = fds.iter().map(|f: &i32| *f).collect();
+        let raw: Vec<i32> = fds.to_vec();
         if let Err(e) = svc.send(&encode_reply(&reply), &raw) {
             log::debug!("device {id}: service reply: {e}");
             return;

@@ -68,12 +68,12 @@ impl RunnerHost {
     fn do_set_intx(&self, devfn: u32, pin: u32, level: bool) -> Result<(), PluginError> {
         let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
         if level && !lines.get(&(devfn, pin)).is_some_and(|l| l.level) {
-            if !lines.contains_key(&(devfn, pin)) {
+            if let std::collections::btree_map::Entry::Vacant(slot) = lines.entry((devfn, pin)) {
                 let (_, mut fds) = self.call(Op::IntxRoute, u64::from(devfn), u64::from(pin), &[])?;
                 if fds.is_empty() {
                     return Err(PluginError::io("INTx route came without its irqfd"));
                 }
-                lines.insert((devfn, pin), Line { irqfd: fds.remove(0), level: false });
+                slot.insert(Line { irqfd: fds.remove(0), level: false });
             }
             if let Some(l) = lines.get(&(devfn, pin)) {
                 // Raise directly: KVM asserts the GSI now.
