@@ -15,7 +15,7 @@
 //! kind = "pc-dimm"
 //! id = "dimm0"
 //! config = { size = "2M" }    # handed to the plugin as JSON
-//! # isolation = "none"        # only in-process devices exist so far
+//! # isolation = "process"     # run the plugin in its own process ("none": in the host)
 //! ```
 //!
 //! Relative paths are relative to the config file's directory.
@@ -71,6 +71,19 @@ pub enum Isolation {
     /// In the host process.
     #[default]
     None,
+    /// In a device process of its own (`dmhost device-runner`).
+    Process,
+}
+
+impl Isolation {
+    /// `"none"` or `"process"`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Self::None),
+            "process" => Ok(Self::Process),
+            other => Err(format!("isolation {other:?} is not supported (\"none\" or \"process\")")),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -143,13 +156,8 @@ impl VmFileConfig {
                 Some(_) => return Err(invalid(format!("device {}: config must be a table", d.id))),
             };
             let isolation = match d.isolation.as_deref() {
-                None | Some("none") => Isolation::None,
-                Some(other) => {
-                    return Err(invalid(format!(
-                        "device {}: isolation {other:?} is not supported (only \"none\")",
-                        d.id
-                    )))
-                }
+                None => Isolation::None,
+                Some(s) => Isolation::parse(s).map_err(|e| invalid(format!("device {}: {e}", d.id)))?,
             };
             devices.push(DeviceConfig { kind: d.kind, id: d.id, config, isolation });
         }
@@ -215,8 +223,8 @@ config = { size = "2M", share = false }
             "program = \"x\"\n[regs]\nrip = 1",
             "program = \"x\"\n[[device]]\nkind=\"a\"\nid=\"a\"\n[[device]]\nkind=\"a\"\nid=\"a\"",
             "program = \"x\"\n[[device]]\nkind=\"a\"\nid=\"a\"\nconfig = 3",
-            "program = \"x\"\n[[device]]\nkind=\"a\"\nid=\"a\"\nisolation = \"process\"",
             "program = \"x\"\nmemory-slots = 0",
+            "program = \"x\"\n[[device]]\nkind=\"a\"\nid=\"a\"\nisolation = \"vm\"",
             "[[[",
         ] {
             let e = VmFileConfig::parse(bad, "t.toml", Path::new("")).unwrap_err().to_string();

@@ -158,16 +158,18 @@ pub fn register_vm_commands(registry: &CommandRegistry, vm: Arc<Vm>, factory: Ar
         }
         .to_owned();
         let id = str_arg(args, "id")?.to_owned();
+        let isolation = match args.get("isolation") {
+            None => crate::config::Isolation::None,
+            Some(_) => crate::config::Isolation::parse(str_arg(args, "isolation")?).map_err(CommandError::generic)?,
+        };
         let config: Map<String, Value> = args
             .iter()
-            .filter(|(k, _)| !matches!(k.as_str(), "driver" | "kind" | "id"))
+            .filter(|(k, _)| !matches!(k.as_str(), "driver" | "kind" | "id" | "isolation"))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let config = Value::Object(config).to_string();
         let f = Arc::clone(&factory);
-        let info = v
-            .add_device(&kind, &id, |host| f.create(&kind, &id, &config, host))
-            .map_err(vm_error)?;
+        let info = crate::remote::add_device(&v, &*f, &kind, &id, &config, isolation).map_err(vm_error)?;
         serde_json::to_value(info).map_err(CommandError::generic)
     });
     let v = Arc::clone(&vm);
@@ -304,6 +306,9 @@ impl DeviceFactory for crate::loader::PluginRegistry {
             }
             CreateError::Plugin { source, .. } | CreateError::VfioDriver { source, .. } => source,
         })
+    }
+    fn library_path(&self, kind: &str) -> Option<std::path::PathBuf> {
+        self.plugin_for(kind).map(|p| p.path.clone())
     }
 }
 

@@ -15,6 +15,8 @@ pub enum DeviceImpl {
     Plugin(DeviceBox),
     /// A device model linked into the host (benches, built-in devices).
     Builtin(Box<dyn DeviceModel>),
+    /// A plugin device running in its own process (`isolation = "process"`).
+    Remote(Box<crate::remote::RemoteDevice>),
 }
 
 impl DeviceImpl {
@@ -22,6 +24,7 @@ impl DeviceImpl {
         match self {
             DeviceImpl::Plugin(d) => d.memory_region().into_option(),
             DeviceImpl::Builtin(d) => d.memory_region(),
+            DeviceImpl::Remote(d) => d.memory_region(),
         }
     }
 
@@ -29,6 +32,7 @@ impl DeviceImpl {
         match self {
             DeviceImpl::Plugin(d) => d.plug(info).into_result(),
             DeviceImpl::Builtin(d) => d.plug(info),
+            DeviceImpl::Remote(d) => d.plug(info),
         }
     }
 
@@ -36,6 +40,7 @@ impl DeviceImpl {
         match self {
             DeviceImpl::Plugin(d) => d.unplug().into_result(),
             DeviceImpl::Builtin(d) => d.unplug(),
+            DeviceImpl::Remote(d) => d.unplug(),
         }
     }
 
@@ -43,6 +48,30 @@ impl DeviceImpl {
         match self {
             DeviceImpl::Plugin(d) => d.is_fenced(),
             DeviceImpl::Builtin(_) => false,
+            DeviceImpl::Remote(d) => d.failed(),
+        }
+    }
+
+    /// Whether the device's process died or misbehaved (in-process: never).
+    pub fn is_failed(&self) -> bool {
+        matches!(self, DeviceImpl::Remote(d) if d.failed())
+    }
+
+    /// INTx router: `devfn`'s pin `pin` to `level` (see `crate::intx`).
+    pub fn intx_set(&mut self, devfn: u32, pin: u32, level: bool) -> Result<(), PluginError> {
+        match self {
+            DeviceImpl::Plugin(d) => d.intx_set(devfn, pin, level).into_result(),
+            DeviceImpl::Builtin(d) => d.intx_set(devfn, pin, level),
+            DeviceImpl::Remote(_) => Err(PluginError::unsupported("an INTx router must run in the host process")),
+        }
+    }
+
+    /// INTx router: where `devfn`'s pin `pin` is wired.
+    pub fn intx_route(&mut self, devfn: u32, pin: u32) -> Result<dmhost_plugin_api::IntxRoute, PluginError> {
+        match self {
+            DeviceImpl::Plugin(d) => d.intx_route(devfn, pin).into_result(),
+            DeviceImpl::Builtin(d) => d.intx_route(devfn, pin),
+            DeviceImpl::Remote(_) => Err(PluginError::unsupported("an INTx router must run in the host process")),
         }
     }
 
@@ -52,6 +81,7 @@ impl DeviceImpl {
             (DeviceImpl::Plugin(d), IoSpace::Pio) => d.pio_read(addr, RSliceMut::from_mut_slice(data)).into_result(),
             (DeviceImpl::Builtin(d), IoSpace::Mmio) => d.mmio_read(addr, data),
             (DeviceImpl::Builtin(d), IoSpace::Pio) => d.pio_read(addr, data),
+            (DeviceImpl::Remote(d), space) => d.read(space, addr, data),
         }
     }
 
@@ -61,6 +91,7 @@ impl DeviceImpl {
             (DeviceImpl::Plugin(d), IoSpace::Pio) => d.pio_write(addr, RSlice::from_slice(data)).into_result(),
             (DeviceImpl::Builtin(d), IoSpace::Mmio) => d.mmio_write(addr, data),
             (DeviceImpl::Builtin(d), IoSpace::Pio) => d.pio_write(addr, data),
+            (DeviceImpl::Remote(d), space) => d.write(space, addr, data),
         }
     }
 }
@@ -127,6 +158,8 @@ pub struct DeviceInfo {
     /// Port ranges it registered (base, size).
     pub pio: Vec<(u64, u64)>,
     pub fenced: bool,
+    /// The device's process died or misbehaved (`isolation = "process"`).
+    pub failed: bool,
 }
 
 pub(crate) struct DeviceEntry {
@@ -150,4 +183,9 @@ pub trait DeviceFactory: Send + Sync {
         config: &str,
         host: dmhost_plugin_api::Host,
     ) -> Result<DeviceImpl, PluginError>;
+
+    /// The plugin library providing `kind`, to load in a device process.
+    fn library_path(&self, _kind: &str) -> Option<std::path::PathBuf> {
+        None
+    }
 }

@@ -15,7 +15,6 @@ use crate::{
     cli::CliResult,
     config::{ConfigError, VmFileConfig},
     control::{register_vm_commands, CommandRegistry, ControlError, ControlServer},
-    devices::DeviceFactory,
     guest::{GuestError, GuestProgram},
     loader::{plugin_dirs, PluginRegistry},
     vm::{
@@ -131,12 +130,12 @@ fn run_vm(args: &RunArgs, extra_dirs: &[PathBuf]) -> Result<ExitCode, RunError> 
 
     let vm = Arc::new(Vm::new(VmConfig { ram_size: config.ram_size, vcpus: config.vcpus, serial: stdout_serial() })?);
     for d in &config.devices {
-        vm.add_device(&d.kind, &d.id, |host| DeviceFactory::create(&*registry, &d.kind, &d.id, &d.config, host))?;
+        crate::remote::add_device(&vm, &*registry, &d.kind, &d.id, &d.config, d.isolation)?;
     }
     // ACPI tables for the boot devices; rebuilt on every hot-plug.
     let _acpi = crate::acpi_host::AcpiHost::install(&vm, config.vcpus, config.acpi.clone())?;
     let commands = Arc::new(CommandRegistry::new());
-    register_vm_commands(&commands, Arc::clone(&vm), Arc::clone(&registry) as Arc<dyn DeviceFactory>);
+    register_vm_commands(&commands, Arc::clone(&vm), Arc::clone(&registry) as Arc<dyn crate::devices::DeviceFactory>);
     let migration = crate::migration::commands::register(&commands, Arc::clone(&vm));
     crate::migration::debug_commands::register(&commands, Arc::clone(&vm));
     let _server = match &args.control {

@@ -210,6 +210,12 @@ impl DeviceServices {
         r.map_err(|e| ram_error(&self.0.id, "mark_dirty", e))
     }
 
+    /// Where this device's `devfn` pin is wired (claims the devfn), for a
+    /// device process that raises the line's irqfd itself.
+    pub fn intx_route(&self, devfn: u32, pin: u32) -> Result<dmhost_plugin_api::IntxRoute, PluginError> {
+        self.vm()?.intx.route(&self.0.id, devfn, pin)
+    }
+
     fn do_read_guest(&self, gpa: u64, buf: &mut [u8]) -> Result<(), PluginError> {
         self.vm()?.read_guest(gpa, buf).map_err(|e| PluginError::io(format!("read_guest: {e}")))
     }
@@ -257,5 +263,8 @@ impl HostServices for DeviceServices {
     }
     fn write_guest(&self, gpa: u64, buf: RSlice<'_, u8>) -> RResult<(), PluginError> {
         self.do_write_guest(gpa, buf.as_slice()).into()
+    }
+    fn set_intx(&self, devfn: u32, pin: u32, level: bool) -> RResult<(), PluginError> {
+        self.vm().and_then(|vm| vm.intx.set(&self.0.id, devfn, pin, level)).into()
     }
 }

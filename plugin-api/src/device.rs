@@ -7,8 +7,8 @@ use abi_stable::{
 };
 
 use crate::{
-    DsmReply, DsmRequest, GuestRegion, MemoryRegion, PendingSize, PlugInfo, PluginError,
-    SaveChunk,
+    DsmReply, DsmRequest, GuestRegion, IntxRoute, MemoryRegion, PendingSize, PlugInfo,
+    PluginError, SaveChunk,
 };
 
 /// A device model, as a plugin author writes it.
@@ -125,6 +125,17 @@ pub trait DeviceModel: Send + 'static {
     fn dsm(&mut self, _request: &DsmRequest) -> DsmReply {
         DsmReply::status(DsmReply::UNSUPPORTED)
     }
+
+    /// INTx router only (the iohub): device function `devfn` drives its
+    /// pin `pin` (1..=4) to `level`. Other devices keep the default.
+    fn intx_set(&mut self, devfn: u32, pin: u32, _level: bool) -> Result<(), PluginError> {
+        Err(PluginError::unsupported(format!("not an INTx router (devfn {devfn:#x} pin {pin})")))
+    }
+    /// INTx router only: the line `devfn`'s pin `pin` is wired to, with its
+    /// eventfds, so a device in another process can raise it directly.
+    fn intx_route(&mut self, devfn: u32, pin: u32) -> Result<IntxRoute, PluginError> {
+        Err(PluginError::unsupported(format!("not an INTx router (devfn {devfn:#x} pin {pin})")))
+    }
 }
 
 /// The ABI-stable device object. Plugin authors do not implement this: the
@@ -167,6 +178,19 @@ pub trait Device: Send {
     /// Whether the device was fenced after a panic.
     #[sabi(last_prefix_field)]
     fn is_fenced(&self) -> bool;
+
+    // ---- appended (iohub). Default bodies answer for plugins built
+    // before these existed.
+
+    /// See [`DeviceModel::intx_set`].
+    fn intx_set(&mut self, devfn: u32, pin: u32, level: bool) -> RResult<(), PluginError> {
+        let _ = level;
+        RResult::RErr(PluginError::unsupported(format!("not an INTx router (devfn {devfn:#x} pin {pin})")))
+    }
+    /// See [`DeviceModel::intx_route`].
+    fn intx_route(&mut self, devfn: u32, pin: u32) -> RResult<IntxRoute, PluginError> {
+        RResult::RErr(PluginError::unsupported(format!("not an INTx router (devfn {devfn:#x} pin {pin})")))
+    }
 }
 
 /// The device object type the host holds.

@@ -19,9 +19,10 @@ use abi_stable::{
 use crate::{
     vfio::{errno, VfioDriver, VfioDriverDevice},
     Device, DeviceBox, DeviceKind, DeviceModel, Device_TO, DsmReply, DsmRequest, ErrorKind,
-    GuestRegion, Host, LogLevel, LogSinkBox, MemoryRegion, PendingSize, PlugInfo, PluginError,
-    PluginModule, PluginModule_Ref, SaveChunk, VfioDataStream, VfioDeviceInfo, VfioDriverBox,
-    VfioDriverDevice_TO, VfioDriverInfo, VfioError, VfioIrqInfo, VfioPrecopyInfo, VfioRegionInfo,
+    GuestRegion, Host, IntxRoute, LogLevel, LogSinkBox, MemoryRegion, PendingSize, PlugInfo,
+    PluginError, PluginModule, PluginModule_Ref, SaveChunk, VfioDataStream, VfioDeviceInfo,
+    VfioDriverBox, VfioDriverDevice_TO, VfioDriverInfo, VfioError, VfioIrqInfo, VfioPrecopyInfo,
+    VfioRegionInfo,
 };
 
 /// A plugin library, as its author writes it. Export it with
@@ -427,6 +428,13 @@ impl Device for Guarded {
 
     fn is_fenced(&self) -> bool {
         self.fenced.load(Ordering::Relaxed)
+    }
+
+    fn intx_set(&mut self, devfn: u32, pin: u32, level: bool) -> RResult<(), PluginError> {
+        self.call_mut("intx_set", |d| d.intx_set(devfn, pin, level))
+    }
+    fn intx_route(&mut self, devfn: u32, pin: u32) -> RResult<IntxRoute, PluginError> {
+        self.call_mut("intx_route", |d| d.intx_route(devfn, pin))
     }
 }
 

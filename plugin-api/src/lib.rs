@@ -60,7 +60,7 @@ pub use services::{
     Host, HostServices, HostServices_TO, IoSpace, LogSink, LogSinkBox, LogSink_TO,
 };
 pub use types::{
-    DeviceKind, DsmReply, DsmRequest, GuestRegion, LogLevel, MemoryRegion, PendingSize,
+    DeviceKind, DsmReply, DsmRequest, GuestRegion, IntxRoute, LogLevel, MemoryRegion, PendingSize,
     PlugInfo, SaveChunk,
 };
 pub use vfio::{

@@ -90,6 +90,17 @@ pub trait HostServices: Send + Sync + Clone {
             "this host has no MSI routing (eventfd {fd})"
         )))
     }
+
+    // ---- 1.1 (iohub): the same rules.
+
+    /// Drive PCI INTx pin `pin` (1 = INTA .. 4 = INTD) of function `devfn`
+    /// to `level`, through the VM's INTx router (the iohub). The first
+    /// device to drive a `devfn` owns it; another device is refused.
+    fn set_intx(&self, devfn: u32, pin: u32, level: bool) -> RResult<(), PluginError> {
+        RResult::RErr(PluginError::unsupported(format!(
+            "this host has no INTx router (devfn {devfn:#x} pin {pin} level {level})"
+        )))
+    }
 }
 
 /// The host-services object type a device holds.

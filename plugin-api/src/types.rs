@@ -145,3 +145,16 @@ impl From<LogLevel> for log::Level {
         }
     }
 }
+
+/// Where a PCI INTx pin is wired: the IOAPIC GSI of its line and the line's
+/// KVM irqfd / resamplefd (descriptors of the router's process, owned by
+/// the router; valid while the router is plugged).
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IntxRoute {
+    /// Index of the line in the router (PIRQ A..D = 0..3).
+    pub line: u32,
+    pub gsi: u32,
+    pub irqfd: i32,
+    pub resamplefd: i32,
+}

@@ -105,6 +105,8 @@ impl AcpiDevice {
                 d.dsm_handles().into_vec(),
             ),
             DeviceImpl::Builtin(d) => (d.nfit_structures(), d.aml(), d.dsm_handles()),
+            // A device in its own process forwards no ACPI parts (yet).
+            DeviceImpl::Remote(_) => (Vec::new(), Vec::new(), Vec::new()),
         };
         Ok(Self { id: id.to_owned(), kind: kind.to_owned(), region, nfit, aml, dsm_handles })
     }

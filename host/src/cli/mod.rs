@@ -34,6 +34,15 @@ pub enum Command {
     Acpi(acpi::AcpiCommand),
     /// Migrate a running VM (through its control socket) to another host process.
     Migrate(migrate::MigrateArgs),
+    /// Internal: run one plugin device in this process, for a host that
+    /// spawned it (`isolation = "process"`).
+    #[command(hide = true)]
+    DeviceRunner {
+        #[arg(long)]
+        io_fd: i32,
+        #[arg(long)]
+        svc_fd: i32,
+    },
 }
 
 /// Errors a subcommand reports before exiting non-zero.
@@ -56,5 +65,9 @@ pub fn run(cli: Cli) -> CliResult {
         Command::Run(args) => crate::run::run(args, &cli.plugin_dirs),
         Command::Acpi(cmd) => acpi::run(cmd, &cli.plugin_dirs),
         Command::Migrate(args) => migrate::run(args),
+        Command::DeviceRunner { io_fd, svc_fd } => {
+            crate::remote::runner::run(io_fd, svc_fd)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }

@@ -88,6 +88,8 @@ pub struct VmShared {
     pub bus: Arc<IoBus>,
     pub physmap: Mutex<Physmap>,
     pub ram_blocks: Mutex<RamRegistry>,
+    /// PCI INTx: the router device and devfn ownership.
+    pub intx: crate::intx::IntxRouting,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -236,6 +238,7 @@ impl Vm {
             bus: Arc::new(IoBus::new()),
             physmap: Mutex::new(physmap),
             ram_blocks: Mutex::new(ram_blocks),
+            intx: Default::default(),
         });
         let vm = Self {
             shared,
@@ -498,6 +501,7 @@ impl Vm {
             devices.push(DeviceEntry { device: Arc::clone(&device), region });
         }
         lock(&self.services).push(services);
+        self.shared.intx.offer_router(&device);
         self.update_boot_info()?;
         log::info!("device {id} ({kind}) added{}", match region {
             Some((gpa, size)) => format!(", region at {gpa:#x} (+{size:#x})"),
@@ -539,6 +543,7 @@ impl Vm {
             log::error!("device {id}: releasing its guest-physical ranges failed: {e}");
         }
         lock(&self.shared.ram_blocks).unregister_owner(owner);
+        self.shared.intx.release(id);
         services.release_irqfds();
     }
 
@@ -583,6 +588,10 @@ impl Vm {
         let list: Vec<Listed> = lock(&self.devices).iter().map(|d| (Arc::clone(&d.device), d.region)).collect();
         list.into_iter()
             .map(|(d, region)| {
+                let (fenced, failed) = {
+                    let imp = d.lock();
+                    (imp.is_fenced(), imp.is_failed())
+                };
                 let of = |space| {
                     ranges
                         .iter()
@@ -596,7 +605,8 @@ impl Vm {
                     region,
                     mmio: of(IoSpace::Mmio),
                     pio: of(IoSpace::Pio),
-                    fenced: d.lock().is_fenced(),
+                    fenced,
+                    failed,
                 }
             })
             .collect()

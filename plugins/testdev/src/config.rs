@@ -29,6 +29,10 @@ pub struct TestdevConfig {
     pub mem_addr: Option<u64>,
     /// Panic inside this method (one of [`PANIC_POINTS`]).
     pub panic_on: Option<String>,
+    /// PCI function number the device's INTx pin belongs to.
+    pub devfn: u32,
+    /// INTx pin (1 = INTA .. 4 = INTD), as config space offset 0x3d reports.
+    pub intx_pin: u32,
 }
 
 #[derive(Deserialize)]
@@ -38,6 +42,8 @@ struct Raw {
     mem_size: Option<SizeValue>,
     mem_addr: Option<u64>,
     panic_on: Option<String>,
+    devfn: Option<u32>,
+    intx_pin: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -86,7 +92,14 @@ impl TestdevConfig {
                 )));
             }
         }
-        Ok(Self { mmio_base: raw.mmio_base, mem_size, mem_addr: raw.mem_addr, panic_on: raw.panic_on })
+        let devfn = raw.devfn.unwrap_or(0x08);
+        let intx_pin = raw.intx_pin.unwrap_or(1);
+        if devfn > 0xff || !(1..=4).contains(&intx_pin) {
+            return Err(PluginError::config(format!(
+                "{KIND} devfn {devfn:#x} / intx-pin {intx_pin}: devfn must be below 0x100, intx-pin 1..=4"
+            )));
+        }
+        Ok(Self { mmio_base: raw.mmio_base, mem_size, mem_addr: raw.mem_addr, panic_on: raw.panic_on, devfn, intx_pin })
     }
 }
 
@@ -108,6 +121,8 @@ mod tests {
             r#"{"mem-addr": 4096}"#,
             r#"{"panic-on": "nowhere"}"#,
             r#"{"bogus": 1}"#,
+            r#"{"intx-pin": 5}"#,
+            r#"{"devfn": 256}"#,
             "[",
         ] {
             assert!(TestdevConfig::parse(bad).is_err(), "{bad}");

@@ -19,6 +19,8 @@ pub struct Testdev {
     pm_size: u64,
     pm_offset: u64,
     pm_status: u64,
+    irq: u64,
+    irq_status: u64,
 }
 
 impl Testdev {
@@ -43,6 +45,8 @@ impl Testdev {
             pm_size: 0,
             pm_offset: 0,
             pm_status: STATUS_NONE,
+            irq: 0,
+            irq_status: STATUS_NONE,
         })
     }
 
@@ -64,6 +68,8 @@ impl Testdev {
             PM_STATUS => self.pm_status,
             REGION_GPA => self.region_gpa,
             REGION_SIZE => self.config.mem_size.unwrap_or(0),
+            IRQ => self.irq,
+            IRQ_STATUS => self.irq_status,
             _ => u64::MAX,
         }
     }
@@ -77,6 +83,7 @@ impl Testdev {
             PM_SIZE => self.pm_size = value,
             PM_OFFSET => self.pm_offset = value,
             PM_CMD => self.physmap_request(value),
+            IRQ => self.set_irq(value != 0),
             _ => log::debug!("testdev {}: write to read-only/unknown register {reg:#x}", self.id),
         }
     }
@@ -94,6 +101,20 @@ impl Testdev {
             Ok(()) => STATUS_OK,
             Err(e) => {
                 log::info!("testdev {}: physmap request {cmd} refused: {e}", self.id);
+                1 + e.kind as u64
+            }
+        };
+    }
+
+    fn set_irq(&mut self, level: bool) {
+        let r = self.host.set_intx(self.config.devfn, self.config.intx_pin, level).into_result();
+        self.irq_status = match r {
+            Ok(()) => {
+                self.irq = u64::from(level);
+                STATUS_OK
+            }
+            Err(e) => {
+                log::info!("testdev {}: INTx {level} refused: {e}", self.id);
                 1 + e.kind as u64
             }
         };
@@ -186,6 +207,19 @@ impl DeviceModel for Testdev {
             (self.read_reg(reg) & !mask) | ((v << shift) & mask)
         };
         self.write_reg(reg, value);
+        Ok(())
+    }
+
+    fn pci_config_read(&mut self, offset: u32, data: &mut [u8]) -> Result<(), PluginError> {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = match offset.checked_add(i as u32) {
+                Some(0) => 0xf4,
+                Some(1) => 0x1a,
+                Some(0x3d) => self.config.intx_pin as u8,
+                Some(o) if o < 256 => 0,
+                _ => 0xff,
+            };
+        }
         Ok(())
     }
 

@@ -30,6 +30,12 @@ pub const REGION_GPA: u64 = 0x48;
 /// Size of the device's RAM region (0 when none).
 pub const REGION_SIZE: u64 = 0x50;
 
+/// INTx: write 1 to raise the device's pin, 0 to lower it (through the
+/// host's INTx router, `set_intx(devfn, intx-pin, level)`); reads the level.
+pub const IRQ: u64 = 0x58;
+/// Result of the last `IRQ` write: [`STATUS_OK`] or `1 + ErrorKind as u8`.
+pub const IRQ_STATUS: u64 = 0x60;
+
 pub const ID_VALUE: u64 = 0x7e57_de00_0000_0001;
 pub const PM_CMD_REMOVE: u64 = 1;
 pub const PM_CMD_ADD: u64 = 2;
