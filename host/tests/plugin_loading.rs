@@ -17,7 +17,7 @@ fn api_version() -> String {
 }
 
 /// Plugins this workspace ships (library stems).
-const SHIPPED: &[&str] = &["pc_dimm", "nvdimm", "testdev", "vfio_pci", "vfio_vendor_sample"];
+const SHIPPED: &[&str] = &["pc_dimm", "nvdimm", "iohub", "testdev", "vfio_pci", "vfio_vendor_sample"];
 
 fn shipped(stem: &str) -> PathBuf {
     let p = target_debug().join(format!("lib{stem}.so"));
