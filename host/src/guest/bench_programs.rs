@@ -1,29 +1,38 @@
 //! Guests for the migration benchmark: one that never touches its memory
-//! and one that fills it with non-zero data once, then idles.
+//! and one that fills it with non-zero data once, then idles. Idling is
+//! writes to the idle port, the CPL-3 `hlt`: the vCPU thread sleeps
+//! instead of spinning on a host core.
 
 use super::{asm::*, migrate_verify::WORK_BASE, GuestError, GuestProgram, BOOT_INFO_ENTRIES};
+use crate::vm::vcpu::PORT_IDLE;
 
-/// `idle`: prints `idle: running` and spins (`pause`) until stopped.
+/// Emit an idle loop that never ends: 1 ms naps on the idle port.
+fn idle_forever(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    let mut spin = a.create_label();
+    a.mov(dx, PORT_IDLE as u32)?;
+    a.mov(eax, 1000u32)?;
+    a.set_label(&mut spin)?;
+    a.out(dx, eax)?;
+    a.jmp(spin)
+}
+
+/// `idle`: prints `idle: running` and idles until stopped.
 pub fn idle() -> Result<GuestProgram, GuestError> {
     program("idle", |a| {
-        let mut spin = a.create_label();
         print(a, "idle: running\n")?;
-        a.set_label(&mut spin)?;
-        a.pause()?;
-        a.jmp(spin)
+        idle_forever(a)
     })
 }
 
 /// `fill-idle`: writes a non-zero qword (its own address, inverted) at the
 /// start of every page of guest RAM above [`WORK_BASE`] and of every
-/// device region, prints `fill-idle: filled`, then spins until stopped.
+/// device region, prints `fill-idle: filled`, then idles until stopped.
 pub fn fill_idle() -> Result<GuestProgram, GuestError> {
     program("fill-idle", |a| {
         let mut fill = a.create_label();
         let mut dev_loop = a.create_label();
         let mut dev_done = a.create_label();
         let mut no_ram = a.create_label();
-        let mut spin = a.create_label();
         a.mov(r15, rdi)?;
         a.mov(r8, WORK_BASE)?;
         a.mov(r9, qword_ptr(r15 + 0x08))?;
@@ -45,9 +54,7 @@ pub fn fill_idle() -> Result<GuestProgram, GuestError> {
         a.jmp(dev_loop)?;
         a.set_label(&mut dev_done)?;
         print(a, "fill-idle: filled\n")?;
-        a.set_label(&mut spin)?;
-        a.pause()?;
-        a.jmp(spin)?;
+        idle_forever(a)?;
 
         // fill(r8 = start, r9 = size); clobbers rax, rcx, rdi.
         let mut l = a.create_label();

@@ -51,7 +51,8 @@
 //! # Ports
 //!
 //! `out 0x3f8` prints a byte on the host's stdout; `out 0x501` stops the VM
-//! with the value written as the exit code.
+//! with the value written as the exit code; `out 0x502` parks the vCPU for
+//! the value in microseconds (at most 10 ms): the CPL-3 guest's `hlt`.
 
 pub mod acpi_programs;
 pub mod asm;

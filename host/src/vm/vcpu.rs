@@ -27,6 +27,12 @@ pub const PORT_SERIAL: u16 = 0x3f8;
 pub const PORT_SERIAL_LSR: u16 = 0x3fd;
 /// Exit port: a write stops the VM; the value is the exit code.
 pub const PORT_EXIT: u16 = 0x501;
+/// Idle port, the CPL-3 guest's `hlt`: a write parks the vCPU for the
+/// value in microseconds (at most [`MAX_IDLE`]), or until the VM is paused
+/// or stopped, instead of spinning on a host core.
+pub const PORT_IDLE: u16 = 0x502;
+/// Longest nap one write to [`PORT_IDLE`] buys.
+pub const MAX_IDLE: std::time::Duration = std::time::Duration::from_millis(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
@@ -155,6 +161,15 @@ impl RunControl {
 
     pub fn paused(&self) -> bool {
         self.lock().pause
+    }
+
+    /// Sleep up to `d` unless a pause or stop is (or becomes) pending.
+    fn idle(&self, d: std::time::Duration) {
+        let c = self.lock();
+        let _ = self
+            .cv
+            .wait_timeout_while(c, d.min(MAX_IDLE), |c| !c.pause && c.exit.is_none())
+            .unwrap_or_else(|p| p.into_inner());
     }
 }
 
@@ -318,6 +333,7 @@ fn handle_exit(index: u32, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Option<VmEx
     match exit {
         VcpuExit::IoOut(PORT_SERIAL, data) => (ctx.serial)(data),
         VcpuExit::IoOut(PORT_EXIT, data) => return Some(VmExit::Guest(le_value(data) as u32)),
+        VcpuExit::IoOut(PORT_IDLE, data) => ctx.control.idle(std::time::Duration::from_micros(le_value(data))),
         VcpuExit::IoIn(PORT_SERIAL_LSR, data) => data.fill(0x60),
         VcpuExit::IoOut(port, data) => {
             ctx.bus.write(IoSpace::Pio, port.into(), data);
