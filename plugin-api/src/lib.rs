@@ -36,6 +36,9 @@
 //!   `register_msi_irqfd` / `unregister_msi_irqfd` (MSI delivery for
 //!   passthrough devices).
 //! - New types in [`vfio`]: the [`VfioDriverDevice`] contract and its data.
+//! - PCI INTx through the VM's router (the iohub plugin):
+//!   `HostServices::set_intx` after the VFIO methods, `Device::intx_set` and
+//!   `Device::intx_route` after `is_fenced`, and the [`IntxRoute`] type.
 
 // abi_stable's derive and sabi_trait macros generate these patterns.
 #![allow(non_local_definitions, non_camel_case_types)]
