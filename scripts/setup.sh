@@ -5,6 +5,7 @@
 set -euo pipefail
 need=()
 command -v cc >/dev/null || need+=(gcc)
+command -v c++ >/dev/null || need+=(g++)  # libfuzzer-sys builds libFuzzer
 command -v iasl >/dev/null || need+=(acpica-tools)
 command -v acpiexec >/dev/null || need+=(acpica-tools)
 if [ ${#need[@]} -gt 0 ]; then

@@ -13,3 +13,5 @@ fi
 
 cargo build --workspace --all-targets
 cargo test --workspace -- --test-threads=2
+# The fuzz targets (cargo-fuzz crate outside the workspace) must keep building.
+cargo check --manifest-path fuzz/Cargo.toml --bins
