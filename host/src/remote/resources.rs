@@ -86,7 +86,7 @@ impl SharedMapping {
     /// every argument is checked).
     pub fn map(fd: OwnedFd, fd_offset: u64, size: u64, read_only: bool) -> Result<Self, ResourceError> {
         let page = 4096;
-        if size == 0 || size % page != 0 || fd_offset % page != 0 || size > MAX_MAPPING || fd_offset > i64::MAX as u64 {
+        if size == 0 || !size.is_multiple_of(page) || !fd_offset.is_multiple_of(page) || size > MAX_MAPPING || fd_offset > i64::MAX as u64 {
             return Err(ResourceError::BadRange { size, offset: fd_offset });
         }
         let (file, file_size) = file_id_and_size(&fd)?;
@@ -331,7 +331,7 @@ mod tests {
         assert!(matches!(SharedMapping::map(fd.try_clone().unwrap(), 1, 4096, false), Err(ResourceError::BadRange { .. })));
         assert!(matches!(SharedMapping::map(fd.try_clone().unwrap(), 0, 0, false), Err(ResourceError::BadRange { .. })));
         assert!(matches!(
-            SharedMapping::map(fd.try_clone().unwrap(), u64::MAX & !4095, 4096, false),
+            SharedMapping::map(fd.try_clone().unwrap(), !4095, 4096, false),
             Err(ResourceError::BadRange { .. })
         ));
         let efd = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
