@@ -808,6 +808,57 @@ mod tests {
         }
     }
 
+    #[test]
+    fn ram_and_irqfds_of_a_device_process_are_owned_and_released_on_kvm() {
+        if !crate::testing::kvm_or_skip("ram_and_irqfds_of_a_device_process_are_owned_and_released_on_kvm") {
+            return;
+        }
+        let sink: crate::vm::vcpu::SerialSink = Arc::new(|_: &[u8]| {});
+        let vm = crate::vm::Vm::new(crate::vm::VmConfig { ram_size: 2 << 20, vcpus: 1, serial: sink }).unwrap();
+        let on_vm = |id: &str| ServiceCtx {
+            id: id.into(),
+            host: DeviceServices::new(Arc::downgrade(vm.shared()), id).host(),
+            vm: Arc::downgrade(vm.shared()),
+            ..ctx()
+        };
+        let (a, b) = (on_vm("a"), on_vm("b"));
+        let req = |op, a0, a1, p: &[u8]| Request::new(op, a0, a1, p);
+        // RAM: registered under the device's own name, owned by it.
+        let (r, _) = handle(&req(Op::RegisterRam, 8192, 4096, b"\0a/ram"), vec![memfd()], &a);
+        r.unwrap();
+        let block = vm.ram_blocks().into_iter().find(|x| x.name == "a/ram").unwrap();
+        assert_eq!((block.size, block.fd_offset, block.owner.clone()), (8192, 4096, crate::vm::physmap::Owner::Device("a".into())));
+        let (r, _) = handle(&req(Op::UnregisterRam, 0, 0, b"a/ram"), vec![], &b);
+        assert_eq!(r.unwrap_err().kind, ErrorKind::Denied, "another device cannot unregister it");
+        let (r, _) = handle(&req(Op::MarkDirty, 0, 4096, b"a/ram"), vec![], &b);
+        assert_eq!(r.unwrap_err().kind, ErrorKind::Denied);
+        // irqfds: registered from the descriptor sent, keyed by the sender's number.
+        let efd = || {
+            let e = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+            // SAFETY: duplicating a live eventfd; the copy is ours alone.
+            let dup = unsafe { libc::dup(e.as_raw_fd()) };
+            assert!(dup >= 0);
+            // SAFETY: a fresh descriptor we own.
+            unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(dup) }
+        };
+        let (r, _) = handle(&req(Op::RegisterIrqfd, 5, 7, &[0]), vec![efd()], &a);
+        r.unwrap();
+        let (r, _) = handle(&req(Op::RegisterIrqfd, 5, 7, &[0]), vec![efd()], &a);
+        assert!(r.is_err(), "the same key twice");
+        let (r, _) = handle(&req(Op::UnregisterIrqfd, 5, 7, &[]), vec![], &b);
+        assert_eq!(r.unwrap_err().kind, ErrorKind::Denied, "another device's irqfd");
+        let (r, _) = handle(&req(Op::UnregisterIrqfd, 5, 7, &[]), vec![], &a);
+        r.unwrap();
+        let (r, _) = handle(&req(Op::RegisterIrqfd, 6, 8, &[0]), vec![efd()], &a);
+        r.unwrap();
+        // The process dies: everything it registered is released.
+        a.release();
+        assert!(a.failed.load(Ordering::Acquire));
+        assert!(!vm.ram_blocks().iter().any(|x| x.name == "a/ram"));
+        assert!(a.resources().take_irqfds().is_empty());
+        assert!(a.resources().ram_names().is_empty());
+    }
+
     /// The device end of a fake device process: answers `SaveComplete` with
     /// `state` in parts, and records what `LoadState` delivered.
     fn big_state_server(dev_end: Channel, state: Vec<u8>) -> std::thread::JoinHandle<Vec<u8>> {
