@@ -8,7 +8,10 @@ use dmhost::cli::{self, Cli};
 
 fn main() -> ExitCode {
     let args = Cli::parse();
-    cli::init_logging(args.verbose);
+    // A device process forwards its log records to the host instead.
+    if !matches!(args.command, cli::Command::DeviceRunner { .. }) {
+        cli::init_logging(args.verbose);
+    }
     match cli::run(args) {
         Ok(code) => code,
         Err(e) => {

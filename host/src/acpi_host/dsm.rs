@@ -42,7 +42,7 @@ fn call(device: &HostDevice, req: &DsmRequest, log: &RateLimiter) -> DsmReply {
     let result = match &mut *device.lock() {
         DeviceImpl::Plugin(d) => d.dsm(req).into_result(),
         DeviceImpl::Builtin(d) => Ok(d.dsm(req)),
-        DeviceImpl::Remote(_) => Err(dmhost_plugin_api::PluginError::unsupported("_DSM of a device in its own process")),
+        DeviceImpl::Remote(d) => d.dsm(req),
     };
     result.unwrap_or_else(|e| {
         log.log(|suppressed| {

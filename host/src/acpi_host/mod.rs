@@ -105,8 +105,11 @@ impl AcpiDevice {
                 d.dsm_handles().into_vec(),
             ),
             DeviceImpl::Builtin(d) => (d.nfit_structures(), d.aml(), d.dsm_handles()),
-            // A device in its own process forwards no ACPI parts (yet).
-            DeviceImpl::Remote(_) => (Vec::new(), Vec::new(), Vec::new()),
+            DeviceImpl::Remote(d) => (
+                d.nfit_structures().map_err(err("nfit_structures"))?,
+                d.aml().map_err(err("aml"))?,
+                d.dsm_handles().map_err(err("dsm_handles"))?,
+            ),
         };
         Ok(Self { id: id.to_owned(), kind: kind.to_owned(), region, nfit, aml, dsm_handles })
     }

@@ -1,7 +1,6 @@
 //! The migration handlers of a device, whichever way it is implemented
 //! (a plugin behind the ABI, a model linked into the host, or a plugin in
-//! its own process, which forwards only its final state: it takes no part
-//! in the live rounds).
+//! its own process, to which every handler is forwarded).
 
 use dmhost_plugin_api::{PendingSize, PluginError, RSlice, SaveChunk};
 
@@ -38,35 +37,38 @@ impl MigrationOps for DeviceImpl {
         match self {
             DeviceImpl::Plugin(d) => d.save_setup().into_result(),
             DeviceImpl::Builtin(d) => d.save_setup(),
-            DeviceImpl::Remote(_) => Ok(()),
+            DeviceImpl::Remote(d) => d.save_setup(),
         }
     }
     fn state_pending_estimate(&mut self) -> Result<PendingSize, PluginError> {
         match self {
             DeviceImpl::Plugin(d) => d.state_pending_estimate().into_result(),
             DeviceImpl::Builtin(d) => Ok(d.state_pending_estimate()),
-            DeviceImpl::Remote(_) => Ok(PendingSize::default()),
+            DeviceImpl::Remote(d) => d.state_pending_estimate(),
         }
     }
     fn state_pending_exact(&mut self) -> Result<PendingSize, PluginError> {
         match self {
             DeviceImpl::Plugin(d) => d.state_pending_exact().into_result(),
             DeviceImpl::Builtin(d) => Ok(d.state_pending_exact()),
-            DeviceImpl::Remote(_) => Ok(PendingSize::default()),
+            DeviceImpl::Remote(d) => d.state_pending_exact(),
         }
     }
     fn is_active_iterate(&mut self) -> bool {
         match self {
             DeviceImpl::Plugin(d) => d.is_active_iterate(),
             DeviceImpl::Builtin(d) => d.is_active_iterate(),
-            DeviceImpl::Remote(_) => false,
+            DeviceImpl::Remote(d) => d.is_active_iterate().unwrap_or_else(|e| {
+                log::warn!("migration: device process is_active_iterate: {e}");
+                false
+            }),
         }
     }
     fn save_live_iterate(&mut self) -> Result<SaveChunk, PluginError> {
         match self {
             DeviceImpl::Plugin(d) => d.save_live_iterate().into_result(),
             DeviceImpl::Builtin(d) => d.save_live_iterate(),
-            DeviceImpl::Remote(_) => Ok(SaveChunk { data: Default::default(), complete: true }),
+            DeviceImpl::Remote(d) => d.save_live_iterate(),
         }
     }
     fn save_live_complete_precopy(&mut self) -> Result<Vec<u8>, PluginError> {
@@ -80,14 +82,18 @@ impl MigrationOps for DeviceImpl {
         match self {
             DeviceImpl::Plugin(d) => d.save_cleanup(),
             DeviceImpl::Builtin(d) => d.save_cleanup(),
-            DeviceImpl::Remote(_) => {}
+            DeviceImpl::Remote(d) => {
+                if let Err(e) = d.save_cleanup() {
+                    log::warn!("migration: device process save_cleanup: {e}");
+                }
+            }
         }
     }
     fn load_setup(&mut self) -> Result<(), PluginError> {
         match self {
             DeviceImpl::Plugin(d) => d.load_setup().into_result(),
             DeviceImpl::Builtin(d) => d.load_setup(),
-            DeviceImpl::Remote(_) => Ok(()),
+            DeviceImpl::Remote(d) => d.load_setup(),
         }
     }
     fn load_state(&mut self, version: u32, data: &[u8]) -> Result<(), PluginError> {
@@ -101,7 +107,7 @@ impl MigrationOps for DeviceImpl {
         match self {
             DeviceImpl::Plugin(d) => d.load_cleanup().into_result(),
             DeviceImpl::Builtin(d) => d.load_cleanup(),
-            DeviceImpl::Remote(_) => Ok(()),
+            DeviceImpl::Remote(d) => d.load_cleanup(),
         }
     }
     fn vm_state_changed(&mut self, running: bool) -> Result<(), PluginError> {

@@ -5,11 +5,17 @@
 //! over a UNIX socket ([`proto`]); host services the device calls come back
 //! over a second socket and are checked by the device's own host services
 //! in the host, so the device process can touch only what its device owns.
-//! A device memory backend is shared as its memfd (SCM_RIGHTS); INTx lines
-//! are raised directly through the line's irqfd ([`runner`]).
+//! A device memory backend is shared as its memfd (SCM_RIGHTS), and so is
+//! RAM the device registers for migration: the host maps the file itself
+//! ([`resources`]); INTx lines are raised directly through the line's irqfd
+//! ([`runner`]), other irqfds are registered by the host from descriptors
+//! the device sends. Migration handlers and ACPI parts are forwarded
+//! (sections larger than a message in parts); the device process's `log`
+//! records reach the host's logger, rate-limited.
 
 pub mod proto;
 pub mod proxy;
+pub mod resources;
 pub mod runner;
 
 use std::path::PathBuf;

@@ -61,6 +61,22 @@ pub enum Op {
     SaveComplete,
     LoadState,
     VmStateChanged,
+    SaveSetup,
+    PendingEstimate,
+    PendingExact,
+    IsActiveIterate,
+    SaveIterate,
+    SaveCleanup,
+    LoadSetup,
+    LoadCleanup,
+    /// Part of a device section being loaded (`a0` = its offset).
+    LoadChunk,
+    /// Part of the staged output of the last big reply (`a0` offset, `a1` length).
+    ReadChunk,
+    Nfit,
+    Aml,
+    DsmHandles,
+    Dsm,
     // svc
     RegisterIo = 64,
     UnregisterIo,
@@ -72,6 +88,12 @@ pub enum Op {
     SetIntx,
     IntxRoute,
     MarkDirty,
+    RegisterRam,
+    UnregisterRam,
+    RegisterIrqfd,
+    UnregisterIrqfd,
+    /// A log record (one way: the host sends no reply).
+    Log,
     /// Not a real operation (tests of the unknown-op path).
     Unsupported = 255,
 }
@@ -95,6 +117,20 @@ impl TryFrom<u8> for Op {
             12 => SaveComplete,
             13 => LoadState,
             14 => VmStateChanged,
+            15 => SaveSetup,
+            16 => PendingEstimate,
+            17 => PendingExact,
+            18 => IsActiveIterate,
+            19 => SaveIterate,
+            20 => SaveCleanup,
+            21 => LoadSetup,
+            22 => LoadCleanup,
+            23 => LoadChunk,
+            24 => ReadChunk,
+            25 => Nfit,
+            26 => Aml,
+            27 => DsmHandles,
+            28 => Dsm,
             64 => RegisterIo,
             65 => UnregisterIo,
             66 => PhysmapAdd,
@@ -105,9 +141,48 @@ impl TryFrom<u8> for Op {
             71 => SetIntx,
             72 => IntxRoute,
             73 => MarkDirty,
+            74 => RegisterRam,
+            75 => UnregisterRam,
+            76 => RegisterIrqfd,
+            77 => UnregisterIrqfd,
+            78 => Log,
             other => return Err(ProtoError::UnknownOp(other)),
         })
     }
+}
+
+/// Header of a reply that may not fit one message: the total length of
+/// the data, a flag byte (e.g. "complete"), then its first part; the rest
+/// is fetched with [`Op::ReadChunk`].
+pub const BIG_HEADER: usize = 9;
+
+/// Encode the first message of a big reply for `data` (the caller keeps
+/// `data` staged for `ReadChunk`).
+pub fn encode_big(data: &[u8], flag: u8) -> Vec<u8> {
+    let first = data.len().min(MAX_DATA - BIG_HEADER);
+    let mut v = Vec::with_capacity(BIG_HEADER + first);
+    v.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    v.push(flag);
+    v.extend_from_slice(&data[..first]);
+    v
+}
+
+/// Decode the first message of a big reply: (total, flag, first part).
+pub fn decode_big(b: &[u8], limit: usize) -> Result<(usize, u8, &[u8]), ProtoError> {
+    if b.len() < BIG_HEADER {
+        return Err(ProtoError::Malformed(b.len()));
+    }
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[..8]);
+    let total = usize::try_from(u64::from_le_bytes(w)).map_err(|_| ProtoError::TooLong)?;
+    let first = &b[BIG_HEADER..];
+    if total > limit {
+        return Err(ProtoError::TooLong);
+    }
+    if first.len() > total || (first.len() < total && first.len() != MAX_DATA - BIG_HEADER) {
+        return Err(ProtoError::Malformed(b.len()));
+    }
+    Ok((total, b[8], first))
 }
 
 /// A decoded request.

@@ -17,12 +17,13 @@ use std::{
 
 use dmhost_plugin_api::{
     abi_stable::{sabi_trait::TD_Opaque, std_types::RArc},
-    DeviceBox, ErrorKind, HostServices, HostServices_TO, IoSpace, MemoryRegion, PlugInfo, PluginError, RResult,
-    RSlice, RSliceMut, RStr,
+    DeviceBox, DsmRequest, ErrorKind, HostServices, HostServices_TO, IoSpace, MemoryRegion, PlugInfo, PluginError,
+    RResult, RSlice, RSliceMut, RStr,
 };
 use serde::Deserialize;
 
-use super::proto::{encode_reply, Channel, Op, ProtoError, Request, MAX_DATA};
+use super::proto::{encode_big, encode_reply, Channel, Op, ProtoError, Request, MAX_DATA};
+use crate::migration::MAX_DEVICE_DATA;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
@@ -38,6 +39,9 @@ struct Hello {
     kind: String,
     id: String,
     config: String,
+    /// The host's `log::max_level()` (0 off .. 5 trace).
+    #[serde(default)]
+    log_level: usize,
 }
 
 struct Line {
@@ -54,8 +58,19 @@ struct RunnerHost {
 
 impl RunnerHost {
     fn call(&self, op: Op, a0: u64, a1: u64, payload: &[u8]) -> Result<(Vec<u8>, Vec<OwnedFd>), PluginError> {
+        self.call_fds(op, a0, a1, payload, &[])
+    }
+
+    fn call_fds(
+        &self,
+        op: Op,
+        a0: u64,
+        a1: u64,
+        payload: &[u8],
+        fds: &[RawFd],
+    ) -> Result<(Vec<u8>, Vec<OwnedFd>), PluginError> {
         let svc = self.svc.lock().unwrap_or_else(|p| p.into_inner());
-        match svc.call(&Request::new(op, a0, a1, payload), &[]) {
+        match svc.call(&Request::new(op, a0, a1, payload), fds) {
             Ok((r, fds)) => r.map(|d| (d, fds)),
             Err(e) => Err(PluginError::io(format!("host unreachable: {e}"))),
         }
@@ -117,19 +132,30 @@ impl HostServices for RunnerHost {
     fn set_irq_line(&self, gsi: u32, level: bool) -> RResult<(), PluginError> {
         self.unit(Op::SetIrqLine, u64::from(gsi), u64::from(level), &[])
     }
-    fn register_irqfd(&self, gsi: u32, _fd: i32, _resample_fd: i32) -> RResult<(), PluginError> {
-        RResult::RErr(PluginError::unsupported(format!(
-            "irqfds of a device process cannot be registered (GSI {gsi}); use set_intx"
-        )))
+    fn register_irqfd(&self, gsi: u32, fd: i32, resample_fd: i32) -> RResult<(), PluginError> {
+        if fd < 0 {
+            return RResult::RErr(PluginError::new(ErrorKind::InvalidState, "irqfd: negative descriptor"));
+        }
+        // The eventfds travel as SCM_RIGHTS; our descriptor number is the key.
+        let (fds, has_resample) = if resample_fd >= 0 { (vec![fd, resample_fd], 1) } else { (vec![fd], 0) };
+        self.call_fds(Op::RegisterIrqfd, u64::from(gsi), fd as u64, &[has_resample], &fds).map(drop).into()
     }
-    fn unregister_irqfd(&self, gsi: u32, _fd: i32) -> RResult<(), PluginError> {
-        RResult::RErr(PluginError::unsupported(format!("no irqfd registered on GSI {gsi}")))
+    fn unregister_irqfd(&self, gsi: u32, fd: i32) -> RResult<(), PluginError> {
+        self.unit(Op::UnregisterIrqfd, u64::from(gsi), i64::from(fd) as u64, &[])
     }
-    fn register_ram(&self, name: RStr<'_>, _region: MemoryRegion) -> RResult<(), PluginError> {
-        RResult::RErr(PluginError::unsupported(format!("RAM {name} of a device process cannot migrate yet")))
+    fn register_ram(&self, name: RStr<'_>, region: MemoryRegion) -> RResult<(), PluginError> {
+        if region.fd < 0 {
+            return RResult::RErr(PluginError::unsupported(format!(
+                "RAM {name} of a device process must be backed by a file or memfd"
+            )));
+        }
+        // The host maps the backing file itself: our address means nothing there.
+        let mut p = vec![u8::from(region.read_only)];
+        p.extend_from_slice(name.as_str().as_bytes());
+        self.call_fds(Op::RegisterRam, region.size, region.fd_offset, &p, &[region.fd]).map(drop).into()
     }
     fn unregister_ram(&self, name: RStr<'_>) -> RResult<(), PluginError> {
-        RResult::RErr(PluginError::unsupported(format!("RAM {name} is not registered")))
+        self.unit(Op::UnregisterRam, 0, 0, name.as_str().as_bytes())
     }
     fn mark_dirty(&self, name: RStr<'_>, offset: u64, len: u64) -> RResult<(), PluginError> {
         self.unit(Op::MarkDirty, offset, len, name.as_str().as_bytes())
@@ -165,6 +191,7 @@ pub fn run(io_fd: RawFd, svc_fd: RawFd) -> Result<(), RunnerError> {
     // SAFETY: the host passed these two socket descriptors to this process
     // for it alone; nothing else in the process owns them.
     let (io, svc) = unsafe { (Channel::from_raw(io_fd), Channel::from_raw(svc_fd)) };
+    ForwardLogger::install(&svc);
     let host = RunnerHost { svc: Arc::new(Mutex::new(svc)), lines: Default::default() };
     let (msg, _) = io.recv()?;
     let hello = Request::decode(&msg)?;
@@ -172,8 +199,9 @@ pub fn run(io_fd: RawFd, svc_fd: RawFd) -> Result<(), RunnerError> {
         return Err(RunnerError::Hello(format!("expected Hello, got {:?}", hello.op)));
     }
     let hello: Hello = serde_json::from_slice(&hello.payload).map_err(|e| RunnerError::Hello(e.to_string()))?;
+    log::set_max_level(level_filter(hello.log_level));
     let created = create(&hello, host);
-    let mut device = match created {
+    let device = match created {
         Ok(d) => {
             io.send(&encode_reply(&Ok(Vec::new())), &[])?;
             d
@@ -183,7 +211,8 @@ pub fn run(io_fd: RawFd, svc_fd: RawFd) -> Result<(), RunnerError> {
             return Ok(());
         }
     };
-    log::info!("device process for {} ({}) ready", hello.id, hello.kind);
+    log::debug!("device process for {} ({}) ready", hello.id, hello.kind);
+    let mut session = Session { device, out: Vec::new(), input: Vec::new() };
     loop {
         let (msg, _) = match io.recv() {
             Ok(m) => m,
@@ -191,7 +220,7 @@ pub fn run(io_fd: RawFd, svc_fd: RawFd) -> Result<(), RunnerError> {
             Err(e) => return Err(e.into()),
         };
         let (reply, fds) = match Request::decode(&msg) {
-            Ok(req) => serve(&mut device, &req),
+            Ok(req) => session.serve(&req),
             Err(e) => (Err(PluginError::new(ErrorKind::InvalidState, e.to_string())), Vec::new()),
         };
         io.send(&encode_reply(&reply), &fds)?;
@@ -207,53 +236,212 @@ fn create(h: &Hello, host: RunnerHost) -> Result<DeviceBox, PluginError> {
     })
 }
 
-fn serve(d: &mut DeviceBox, req: &Request) -> (Result<Vec<u8>, PluginError>, Vec<RawFd>) {
-    let small = |req: &Request| req.len_arg(8).map_err(|e| PluginError::new(ErrorKind::InvalidState, e.to_string()));
-    let unit = |r: RResult<(), PluginError>| r.into_result().map(|()| Vec::new());
-    let r = match req.op {
-        Op::MemoryRegion => {
-            return match d.memory_region().into_option() {
-                None => (Ok(Vec::new()), Vec::new()),
-                Some(r) => {
-                    let m = r.memory;
-                    let mut v = Vec::with_capacity(34);
-                    for w in [m.size, m.fd_offset, r.align, r.requested_gpa.into_option().unwrap_or(0)] {
-                        v.extend_from_slice(&w.to_le_bytes());
+/// The device and the staging buffers of replies and sections that do not
+/// fit one message.
+struct Session {
+    device: DeviceBox,
+    /// The last big reply, read in parts with `ReadChunk`.
+    out: Vec<u8>,
+    /// The section being loaded, sent in parts with `LoadChunk`.
+    input: Vec<u8>,
+}
+
+fn invalid(what: impl std::fmt::Display) -> PluginError {
+    PluginError::new(ErrorKind::InvalidState, what.to_string())
+}
+
+impl Session {
+    /// Stage `data` and answer with its first part.
+    fn big(&mut self, data: Vec<u8>, flag: u8, limit: usize) -> Result<Vec<u8>, PluginError> {
+        if data.len() > limit {
+            return Err(PluginError::migration(format!("{} bytes is more than the {limit} the host takes", data.len())));
+        }
+        let first = encode_big(&data, flag);
+        self.out = data;
+        Ok(first)
+    }
+
+    fn serve(&mut self, req: &Request) -> (Result<Vec<u8>, PluginError>, Vec<RawFd>) {
+        let small = |req: &Request| req.len_arg(8).map_err(invalid);
+        let unit = |r: RResult<(), PluginError>| r.into_result().map(|()| Vec::new());
+        let state_limit = MAX_DEVICE_DATA as usize;
+        let d = &mut self.device;
+        let r = match req.op {
+            Op::MemoryRegion => {
+                return match d.memory_region().into_option() {
+                    None => (Ok(Vec::new()), Vec::new()),
+                    Some(r) => {
+                        let m = r.memory;
+                        let mut v = Vec::with_capacity(50);
+                        for w in [m.size, m.fd_offset, r.align, r.requested_gpa.into_option().unwrap_or(0)] {
+                            v.extend_from_slice(&w.to_le_bytes());
+                        }
+                        v.extend([u8::from(m.read_only), u8::from(r.requested_gpa.is_some())]);
+                        // The whole backend, when the region is part of the
+                        // same file: the host maps it once.
+                        if let Some(b) = d.backend_memory().into_option().filter(|b| b.fd == m.fd) {
+                            v.extend_from_slice(&b.size.to_le_bytes());
+                            v.extend_from_slice(&b.fd_offset.to_le_bytes());
+                        }
+                        (Ok(v), vec![m.fd])
                     }
-                    v.extend([u8::from(m.read_only), u8::from(r.requested_gpa.is_some())]);
-                    (Ok(v), vec![m.fd])
-                }
-            };
-        }
-        Op::Plug => {
-            let gpa = if req.a0 != 0 { Some(req.a1) } else { None };
-            unit(d.plug(PlugInfo { region_gpa: gpa.into() }))
-        }
-        Op::Unplug => unit(d.unplug()),
-        Op::PioRead | Op::MmioRead | Op::CfgRead => small(req).and_then(|n| {
-            let mut buf = vec![0u8; n];
-            let s = RSliceMut::from(&mut buf[..]);
-            let r = match req.op {
-                Op::PioRead => d.pio_read(req.a0, s),
-                Op::MmioRead => d.mmio_read(req.a0, s),
-                _ => d.pci_config_read(req.a0 as u32, s),
-            };
-            r.into_result().map(|()| buf)
-        }),
-        Op::PioWrite => unit(d.pio_write(req.a0, RSlice::from(&req.payload[..]))),
-        Op::MmioWrite => unit(d.mmio_write(req.a0, RSlice::from(&req.payload[..]))),
-        Op::CfgWrite => unit(d.pci_config_write(req.a0 as u32, RSlice::from(&req.payload[..]))),
-        Op::StateVersion => Ok(d.state_version().to_le_bytes().to_vec()),
-        Op::SaveComplete => d.save_live_complete_precopy().into_result().and_then(|v| {
-            if v.len() > MAX_DATA {
-                Err(PluginError::migration("device state too large for the device-process protocol"))
-            } else {
-                Ok(v.into_vec())
+                };
             }
-        }),
-        Op::LoadState => unit(d.load_state(req.a0 as u32, RSlice::from(&req.payload[..]))),
-        Op::VmStateChanged => unit(d.vm_state_changed(req.a0 != 0)),
-        other => Err(PluginError::unsupported(format!("{other:?} is not a device request"))),
-    };
-    (r, Vec::new())
+            Op::Plug => {
+                let gpa = if req.a0 != 0 { Some(req.a1) } else { None };
+                unit(d.plug(PlugInfo { region_gpa: gpa.into() }))
+            }
+            Op::Unplug => unit(d.unplug()),
+            Op::PioRead | Op::MmioRead | Op::CfgRead => small(req).and_then(|n| {
+                let mut buf = vec![0u8; n];
+                let s = RSliceMut::from(&mut buf[..]);
+                let r = match req.op {
+                    Op::PioRead => d.pio_read(req.a0, s),
+                    Op::MmioRead => d.mmio_read(req.a0, s),
+                    _ => d.pci_config_read(req.a0 as u32, s),
+                };
+                r.into_result().map(|()| buf)
+            }),
+            Op::PioWrite => unit(d.pio_write(req.a0, RSlice::from(&req.payload[..]))),
+            Op::MmioWrite => unit(d.mmio_write(req.a0, RSlice::from(&req.payload[..]))),
+            Op::CfgWrite => unit(d.pci_config_write(req.a0 as u32, RSlice::from(&req.payload[..]))),
+            Op::StateVersion => Ok(d.state_version().to_le_bytes().to_vec()),
+            Op::SaveSetup => unit(d.save_setup()),
+            Op::PendingEstimate | Op::PendingExact => {
+                let p = if req.op == Op::PendingEstimate { d.state_pending_estimate() } else { d.state_pending_exact() };
+                p.into_result().map(|p| [p.must_precopy.to_le_bytes(), p.can_postcopy.to_le_bytes()].concat())
+            }
+            Op::IsActiveIterate => Ok(vec![u8::from(d.is_active_iterate())]),
+            Op::SaveIterate => match d.save_live_iterate().into_result() {
+                Ok(c) => self.big(c.data.into_vec(), u8::from(c.complete), state_limit),
+                Err(e) => Err(e),
+            },
+            Op::SaveComplete => match d.save_live_complete_precopy().into_result() {
+                Ok(v) => self.big(v.into_vec(), 0, state_limit),
+                Err(e) => Err(e),
+            },
+            Op::ReadChunk => {
+                let part = usize::try_from(req.a0)
+                    .ok()
+                    .zip(req.len_arg(MAX_DATA).ok())
+                    .and_then(|(off, n)| self.out.get(off..off.checked_add(n)?));
+                part.map(<[u8]>::to_vec).ok_or_else(|| invalid("ReadChunk outside the staged reply"))
+            }
+            Op::SaveCleanup => {
+                d.save_cleanup();
+                self.out = Vec::new();
+                Ok(Vec::new())
+            }
+            Op::LoadSetup => unit(d.load_setup()),
+            Op::LoadChunk => {
+                if req.a0 == 0 {
+                    self.input.clear();
+                }
+                if req.a0 != self.input.len() as u64 || self.input.len() + req.payload.len() > state_limit {
+                    self.input.clear();
+                    Err(invalid("LoadChunk out of order or too large"))
+                } else {
+                    self.input.extend_from_slice(&req.payload);
+                    Ok(Vec::new())
+                }
+            }
+            Op::LoadState => {
+                let mut data = std::mem::take(&mut self.input);
+                data.extend_from_slice(&req.payload);
+                if data.len() as u64 != req.a1 {
+                    Err(invalid(format!("LoadState of {} bytes, {} delivered", req.a1, data.len())))
+                } else {
+                    unit(d.load_state(req.a0 as u32, RSlice::from(&data[..])))
+                }
+            }
+            Op::LoadCleanup => {
+                self.input = Vec::new();
+                unit(d.load_cleanup())
+            }
+            Op::VmStateChanged => unit(d.vm_state_changed(req.a0 != 0)),
+            Op::Nfit => match d.nfit_structures().into_result() {
+                Ok(v) => self.big(v.into_vec(), 0, super::proxy::MAX_ACPI),
+                Err(e) => Err(e),
+            },
+            Op::Aml => match d.aml().into_result() {
+                Ok(v) => self.big(v.into_vec(), 0, super::proxy::MAX_ACPI),
+                Err(e) => Err(e),
+            },
+            Op::DsmHandles => Ok(d.dsm_handles().iter().flat_map(|h| h.to_le_bytes()).collect()),
+            Op::Dsm => match req.payload.split_first_chunk::<8>() {
+                Some((head, arg3)) => {
+                    let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+                    let request =
+                        DsmRequest { handle: req.a0 as u32, revision: word(0), function: word(4), arg3: arg3.to_vec().into() };
+                    d.dsm(&request).into_result().map(|r| {
+                        let mut v = r.status.to_le_bytes().to_vec();
+                        v.extend_from_slice(&r.data[..r.data.len().min(MAX_DATA - 4)]);
+                        v
+                    })
+                }
+                None => Err(invalid("malformed _DSM request")),
+            },
+            other => Err(PluginError::unsupported(format!("{other:?} is not a device request"))),
+        };
+        (r, Vec::new())
+    }
+}
+
+fn level_filter(n: usize) -> log::LevelFilter {
+    match n {
+        0 => log::LevelFilter::Off,
+        1 => log::LevelFilter::Error,
+        2 => log::LevelFilter::Warn,
+        3 => log::LevelFilter::Info,
+        4 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    }
+}
+
+/// The device process's logger: every record goes to the host as a one-way
+/// `Log` message on its own descriptor of the service socket (a packet per
+/// record, so records never interleave with requests).
+struct ForwardLogger {
+    chan: Channel,
+}
+
+impl ForwardLogger {
+    fn install(svc: &Channel) {
+        // SAFETY: duplicating a descriptor we own; the result is checked.
+        let dup = unsafe { libc::fcntl(svc.raw(), libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            eprintln!("device-runner: no log channel: {}", std::io::Error::last_os_error());
+            return;
+        }
+        // SAFETY: `dup` is a fresh socket descriptor only this logger owns.
+        let chan = unsafe { Channel::from_raw(dup) };
+        if log::set_boxed_logger(Box::new(Self { chan })).is_ok() {
+            log::set_max_level(log::LevelFilter::Info);
+        }
+    }
+}
+
+impl log::Log for ForwardLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let target = record.target().as_bytes();
+        let target = &target[..target.len().min(255)];
+        let mut p = Vec::with_capacity(256);
+        p.push(target.len() as u8);
+        p.extend_from_slice(target);
+        let msg = record.args().to_string();
+        p.extend_from_slice(&msg.as_bytes()[..msg.len().min(MAX_DATA - 512)]);
+        let req = Request::new(Op::Log, record.level() as u64, 0, &p);
+        if self.chan.send(&req.encode(), &[]).is_err() {
+            eprintln!("device-runner: {}: {msg}", record.level());
+        }
+    }
+
+    fn flush(&self) {}
 }
