@@ -39,7 +39,9 @@ impl MemoryBackend {
         check_size(size)?;
         let cname = CString::new(name).map_err(|_| invalid("memfd name contains NUL"))?;
         // SAFETY: `cname` is a valid NUL-terminated string; flags are valid.
-        let raw = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        // Sealing allowed: a host that maps this memfd from another process
+        // seals it against shrinking (a shrunk mapping would SIGBUS it).
+        let raw = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
         if raw < 0 {
             return Err(io::Error::last_os_error());
         }

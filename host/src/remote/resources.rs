@@ -89,6 +89,14 @@ impl SharedMapping {
         if size == 0 || !size.is_multiple_of(page) || !fd_offset.is_multiple_of(page) || size > MAX_MAPPING || fd_offset > i64::MAX as u64 {
             return Err(ResourceError::BadRange { size, offset: fd_offset });
         }
+        // A device process that shrank the file under our mapping would
+        // make the host's next access a SIGBUS: seal first (memfds from
+        // plugin-api's backends allow it), then check the size.
+        // SAFETY: F_ADD_SEALS on a descriptor we own; failure is harmless.
+        let sealed = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) } == 0;
+        if !sealed {
+            log::debug!("device memory descriptor cannot be sealed (a file backend): its size is trusted");
+        }
         let (file, file_size) = file_id_and_size(&fd)?;
         if fd_offset.checked_add(size).is_none_or(|end| end > file_size) {
             return Err(ResourceError::FileTooSmall { file_size, offset: fd_offset, size });
@@ -289,6 +297,17 @@ impl Resources {
 mod tests {
     use super::*;
     use std::os::fd::FromRawFd;
+
+    #[test]
+    fn a_mapped_plugin_memfd_can_no_longer_shrink() {
+        let backend = dmhost_plugin_api::backend::MemoryBackend::memfd("sealed", 8192).unwrap();
+        let region = backend.whole();
+        // SAFETY: duplicating the backend's descriptor, as SCM_RIGHTS would.
+        let dup = unsafe { OwnedFd::from_raw_fd(libc::dup(region.fd)) };
+        let _m = SharedMapping::map(dup, 0, 8192, false).unwrap();
+        // SAFETY: an ftruncate the seal must refuse.
+        assert_ne!(unsafe { libc::ftruncate(region.fd, 4096) }, 0, "shrinking a mapped memfd must fail");
+    }
 
     fn memfd(size: u64) -> OwnedFd {
         // SAFETY: a valid NUL-terminated name.
