@@ -14,6 +14,7 @@ pub mod elf;
 pub mod guest;
 pub mod loader;
 pub mod migration;
+pub mod pci;
 pub mod run;
 pub mod services;
 pub mod testing;
