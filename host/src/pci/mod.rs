@@ -99,7 +99,7 @@ pub struct ConfigTarget {
 /// under CONFIG_ADDRESS `address`; `None` when it reaches no function
 /// (disabled, another bus, function != 0, or straddling the data port).
 pub fn decode(address: u32, port_offset: u64, len: usize) -> Option<ConfigTarget> {
-    if address & ENABLE == 0 || !matches!(len, 1 | 2 | 4) || port_offset + len as u64 > 4 {
+    if address & ENABLE == 0 || !matches!(len, 1 | 2 | 4) || port_offset.checked_add(len as u64).is_none_or(|end| end > 4) {
         return None;
     }
     let bus = (address >> 16) & 0xff;
