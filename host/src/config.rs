@@ -16,6 +16,7 @@
 //! id = "dimm0"
 //! config = { size = "2M" }    # handed to the plugin as JSON
 //! # isolation = "process"     # run the plugin in its own process ("none": in the host)
+//! # addr = "05.0"             # PCI slot of a PCI device (else the next free one)
 //! ```
 //!
 //! Relative paths are relative to the config file's directory.
@@ -63,6 +64,9 @@ pub struct DeviceConfig {
     /// The plugin's config, as JSON text.
     pub config: String,
     pub isolation: Isolation,
+    /// PCI slot on bus 0 (`addr = "05.0"`); PCI devices without one get
+    /// the lowest free slot in plug order (see [`crate::pci`]).
+    pub pci_slot: Option<u8>,
 }
 
 /// Where a device runs.
@@ -117,6 +121,7 @@ struct RawDevice {
     #[serde(default)]
     config: Option<toml::Value>,
     isolation: Option<String>,
+    addr: Option<String>,
 }
 
 /// Default guest RAM.
@@ -159,7 +164,11 @@ impl VmFileConfig {
                 None => Isolation::None,
                 Some(s) => Isolation::parse(s).map_err(|e| invalid(format!("device {}: {e}", d.id)))?,
             };
-            devices.push(DeviceConfig { kind: d.kind, id: d.id, config, isolation });
+            let pci_slot = match d.addr.as_deref() {
+                None => None,
+                Some(a) => Some(crate::pci::parse_addr(a).map_err(|e| invalid(format!("device {}: addr: {e}", d.id)))?),
+            };
+            devices.push(DeviceConfig { kind: d.kind, id: d.id, config, isolation, pci_slot });
         }
         let mut acpi = crate::acpi_host::AcpiConfig::default();
         if let Some(n) = raw.memory_slots {
@@ -225,6 +234,7 @@ config = { size = "2M", share = false }
             "program = \"x\"\n[[device]]\nkind=\"a\"\nid=\"a\"\nconfig = 3",
             "program = \"x\"\nmemory-slots = 0",
             "program = \"x\"\n[[device]]\nkind=\"a\"\nid=\"a\"\nisolation = \"vm\"",
+            "program = \"x\"\n[[device]]\nkind=\"a\"\nid=\"a\"\naddr = \"05.1\"",
             "[[[",
         ] {
             let e = VmFileConfig::parse(bad, "t.toml", Path::new("")).unwrap_err().to_string();

@@ -15,6 +15,7 @@ pub mod guest;
 pub mod intx;
 pub mod loader;
 pub mod migration;
+pub mod pci;
 pub mod remote;
 pub mod run;
 pub mod services;

@@ -129,7 +129,11 @@ fn run_vm(args: &RunArgs, extra_dirs: &[PathBuf]) -> Result<ExitCode, RunError> 
     let registry: Arc<PluginRegistry> = Arc::new(registry);
 
     let vm = Arc::new(Vm::new(VmConfig { ram_size: config.ram_size, vcpus: config.vcpus, serial: stdout_serial() })?);
+    vm.set_vfio_drivers(Arc::clone(&registry) as _);
     for d in &config.devices {
+        if let Some(slot) = d.pci_slot {
+            vm.shared().pci.reserve(&d.id, slot).map_err(|e| RunError::Vm(format!("device {}: {e}", d.id)))?;
+        }
         crate::remote::add_device(&vm, &*registry, &d.kind, &d.id, &d.config, d.isolation)?;
     }
     // ACPI tables for the boot devices; rebuilt on every hot-plug.
@@ -138,6 +142,7 @@ fn run_vm(args: &RunArgs, extra_dirs: &[PathBuf]) -> Result<ExitCode, RunError> 
     register_vm_commands(&commands, Arc::clone(&vm), Arc::clone(&registry) as Arc<dyn crate::devices::DeviceFactory>);
     let migration = crate::migration::commands::register(&commands, Arc::clone(&vm));
     crate::migration::debug_commands::register(&commands, Arc::clone(&vm));
+    crate::pci::irq::register_commands(&commands, Arc::clone(&vm));
     let _server = match &args.control {
         Some(path) => Some(ControlServer::start(path, Arc::clone(&commands))?),
         None => None,

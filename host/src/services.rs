@@ -10,7 +10,7 @@ use std::{
 use dmhost_plugin_api::{
     abi_stable::{sabi_trait::TD_Opaque, std_types::RArc},
     ErrorKind, Host, HostServices, HostServices_TO, IoSpace, MemoryRegion, PluginError, RResult,
-    RSlice, RSliceMut, RStr,
+    RSlice, RSliceMut, RStr, VfioDriverBox,
 };
 
 use crate::{
@@ -96,7 +96,32 @@ impl DeviceServices {
                     log::debug!("device {}: irqfd gsi {gsi} fd {fd}: {e}", self.0.id);
                 }
             }
+            vm.msi.release_owner(vm.kvm.fd(), &self.0.id);
         }
+    }
+
+    fn do_open_vfio_driver(&self, matching: &str, config: &str) -> Result<VfioDriverBox, PluginError> {
+        let vm = self.vm()?;
+        let source = vm.vfio_drivers.get().ok_or_else(|| {
+            PluginError::unsupported(format!("no vendor VFIO drivers are available to this VM (asked for {matching:?})"))
+        })?;
+        source.open_vfio_driver(matching, config, self.host())
+    }
+
+    fn do_register_msi_irqfd(&self, fd: i32, address: u64, data: u32) -> Result<(), PluginError> {
+        let vm = self.vm()?;
+        vm.msi
+            .register(vm.kvm.fd(), &self.0.id, fd, address, data)
+            .map(|_| ())
+            .map_err(|e| PluginError::io(format!("register_msi_irqfd: {}", crate::run::chain(&e))))
+    }
+
+    fn do_unregister_msi_irqfd(&self, fd: i32) -> Result<(), PluginError> {
+        let vm = self.vm()?;
+        vm.msi.unregister(vm.kvm.fd(), &self.0.id, fd).map_err(|e| match e {
+            crate::pci::msi::MsiError::NotOwner { .. } => denied(&self.0.id, "unregister_msi_irqfd", e),
+            other => PluginError::io(format!("unregister_msi_irqfd: {}", crate::run::chain(&other))),
+        })
     }
 
     fn do_register_io(&self, space: IoSpace, base: u64, size: u64) -> Result<(), PluginError> {
@@ -263,6 +288,15 @@ impl HostServices for DeviceServices {
     }
     fn write_guest(&self, gpa: u64, buf: RSlice<'_, u8>) -> RResult<(), PluginError> {
         self.do_write_guest(gpa, buf.as_slice()).into()
+    }
+    fn open_vfio_driver(&self, matching: RStr<'_>, config: RStr<'_>) -> RResult<VfioDriverBox, PluginError> {
+        self.do_open_vfio_driver(matching.as_str(), config.as_str()).into()
+    }
+    fn register_msi_irqfd(&self, fd: i32, address: u64, data: u32) -> RResult<(), PluginError> {
+        self.do_register_msi_irqfd(fd, address, data).into()
+    }
+    fn unregister_msi_irqfd(&self, fd: i32) -> RResult<(), PluginError> {
+        self.do_unregister_msi_irqfd(fd).into()
     }
     fn set_intx(&self, devfn: u32, pin: u32, level: bool) -> RResult<(), PluginError> {
         self.vm().and_then(|vm| vm.intx.set(&self.0.id, devfn, pin, level)).into()

@@ -59,6 +59,7 @@ pub mod asm;
 pub mod bench_programs;
 pub mod migrate_verify;
 pub mod programs;
+pub mod vfio_programs;
 
 use std::{collections::BTreeMap, path::Path};
 

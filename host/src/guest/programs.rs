@@ -5,7 +5,7 @@ use super::{asm::*, GuestError, GuestProgram, BOOT_INFO_ENTRIES, BOOT_INFO_MAGIC
 
 /// Names of the built-in programs.
 pub const NAMES: &[&str] =
-    &["demo", "fill-idle", "hello", "hotplug", "idle", "memory-hotplug", "migrate-verify", "mmio-loop", "nvdimm-acpi"];
+    &["demo", "fill-idle", "hello", "hotplug", "idle", "memory-hotplug", "migrate-verify", "mmio-loop", "nvdimm-acpi", "vfio-demo", "vfio-verify"];
 
 /// The multiplier of the demo pattern (qword `i` holds `i * DEMO_MULT`).
 pub const DEMO_MULT: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -22,6 +22,8 @@ pub fn builtin(name: &str) -> Result<GuestProgram, GuestError> {
         "migrate-verify" => super::migrate_verify::program(),
         "idle" => super::bench_programs::idle(),
         "fill-idle" => super::bench_programs::fill_idle(),
+        "vfio-demo" => super::vfio_programs::vfio_demo(),
+        "vfio-verify" => super::vfio_programs::vfio_verify(),
         other => Err(GuestError::UnknownBuiltin(other.to_owned())),
     }
 }

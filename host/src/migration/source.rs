@@ -76,6 +76,8 @@ pub struct Summary {
 /// Pages sent per stream call: the granularity of progress, bandwidth
 /// limiting and cancellation.
 const PAGES_PER_STEP: u64 = 1024;
+/// Longest a device iterates in one pre-copy round.
+const ITERATE_BUDGET: Duration = Duration::from_millis(250);
 /// Longest wait for the destination to load and acknowledge.
 const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 /// The acknowledgement line a destination sends once it has loaded
@@ -406,16 +408,25 @@ impl Sender<'_> {
         Ok(())
     }
 
+    /// Let every device with live state iterate: block after block until
+    /// it has nothing more for now, or for at most [`ITERATE_BUDGET`] per
+    /// device and round (a device dirtying faster than the link must not
+    /// hold the RAM rounds up).
     fn iterate_devices(&mut self) -> Result<(), MigrationError> {
         for d in &self.devices {
             let mut dev = d.lock();
-            if !dev.is_active_iterate() {
-                continue;
-            }
-            let version = dev.state_version();
-            let chunk = dev.save_live_iterate().map_err(dev_err(d, "save_live_iterate"))?;
-            if !chunk.data.is_empty() {
-                self.out.write_device(&d.kind, &d.id, version, DeviceStage::Iterate, &chunk.data)?;
+            let started = Instant::now();
+            while dev.is_active_iterate() && started.elapsed() < ITERATE_BUDGET {
+                self.check_cancel()?;
+                let version = dev.state_version();
+                let chunk = dev.save_live_iterate().map_err(dev_err(d, "save_live_iterate"))?;
+                if !chunk.data.is_empty() {
+                    self.out.write_device(&d.kind, &d.id, version, DeviceStage::Iterate, &chunk.data)?;
+                    self.window.0 += chunk.data.len() as u64;
+                }
+                if chunk.complete || chunk.data.is_empty() {
+                    break;
+                }
             }
         }
         Ok(())

@@ -79,6 +79,8 @@ pub enum VmError {
     Unbacked { gpa: u64, len: usize },
     #[error(transparent)]
     RamRegistry(#[from] ramblocks::RamRegistryError),
+    #[error("PCI host bridge: {0}")]
+    Pci(String),
 }
 
 /// What device services and vCPUs share.
@@ -90,6 +92,12 @@ pub struct VmShared {
     pub ram_blocks: Mutex<RamRegistry>,
     /// PCI INTx: the router device and devfn ownership.
     pub intx: crate::intx::IntxRouting,
+    /// The PCI host bridge and bus 0 (ports 0xCF8..0xD00).
+    pub pci: Arc<crate::pci::PciBus>,
+    /// MSI routes (GSIs above the IOAPIC pins).
+    pub msi: crate::pci::msi::MsiRoutes,
+    /// Where device services open vendor VFIO drivers ([`Vm::set_vfio_drivers`]).
+    pub vfio_drivers: std::sync::OnceLock<Arc<dyn crate::pci::vfio::VfioDriverSource>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -156,6 +164,9 @@ pub struct VmState {
     pub irqchips: Vec<kvm_irqchip>,
     pub pit: kvm_pit_state2,
     pub clock: kvm_clock_data,
+    /// The PCI CONFIG_ADDRESS latch (0xCF8).
+    #[serde(default)]
+    pub pci_config_address: u32,
 }
 
 /// How to build a VM.
@@ -232,13 +243,20 @@ impl Vm {
             vcpus.push(Vcpu::new(kvm.fd(), kvm.kvm(), i)?);
         }
         let msr_indices = vcpus.first().map(|v| vcpu::readable_msrs(kvm.kvm(), &v.fd())).unwrap_or_default();
+        let bus = Arc::new(IoBus::new());
+        let pci = Arc::new(crate::pci::PciBus::new());
+        bus.insert(IoSpace::Pio, crate::pci::CONFIG_ADDRESS_PORT.into(), crate::pci::PORTS, crate::pci::BUS_OWNER, Arc::clone(&pci) as _)
+            .map_err(|e| VmError::Pci(e.to_string()))?;
         let shared = Arc::new(VmShared {
             kvm,
             ram,
-            bus: Arc::new(IoBus::new()),
+            bus,
             physmap: Mutex::new(physmap),
             ram_blocks: Mutex::new(ram_blocks),
             intx: Default::default(),
+            pci,
+            msi: Default::default(),
+            vfio_drivers: Default::default(),
         });
         let vm = Self {
             shared,
@@ -254,6 +272,12 @@ impl Vm {
         };
         vm.update_boot_info()?;
         Ok(vm)
+    }
+
+    /// Let devices created from now on open vendor VFIO drivers from
+    /// `source` (the plugin registry) through their host services.
+    pub fn set_vfio_drivers(&self, source: Arc<dyn crate::pci::vfio::VfioDriverSource>) {
+        let _ = self.shared.vfio_drivers.set(source);
     }
 
     /// What device services and built-in host devices use (bus, physmap, RAM).
@@ -398,6 +422,7 @@ impl Vm {
             irqchips,
             pit: fd.get_pit2().map_err(|source| VmError::VmState { what: "KVM_GET_PIT2", source })?,
             clock: fd.get_clock().map_err(|source| VmError::VmState { what: "KVM_GET_CLOCK", source })?,
+            pci_config_address: self.shared.pci.config_address(),
         })
     }
 
@@ -410,6 +435,7 @@ impl Vm {
         fd.set_pit2(&s.pit).map_err(|source| VmError::VmState { what: "KVM_SET_PIT2", source })?;
         let clock = kvm_clock_data { clock: s.clock.clock, flags: 0, ..Default::default() };
         fd.set_clock(&clock).map_err(|source| VmError::VmState { what: "KVM_SET_CLOCK", source })?;
+        self.shared.pci.set_config_address(s.pci_config_address);
         Ok(())
     }
 
@@ -502,6 +528,7 @@ impl Vm {
         }
         lock(&self.services).push(services);
         self.shared.intx.offer_router(&device);
+        self.shared.pci.attach(&device);
         self.update_boot_info()?;
         log::info!("device {id} ({kind}) added{}", match region {
             Some((gpa, size)) => format!(", region at {gpa:#x} (+{size:#x})"),
@@ -555,6 +582,7 @@ impl Vm {
             let pos = devices.iter().position(|d| d.device.id == id).ok_or_else(|| VmError::NoSuchDevice(id.to_owned()))?;
             devices.remove(pos)
         };
+        self.shared.pci.detach(id);
         let services = {
             let mut s = lock(&self.services);
             s.iter().position(|s| s.id() == id).map(|p| s.remove(p))

@@ -470,7 +470,14 @@ impl SampleDevice {
                             Regs::decode(&b).ok_or_else(|| "bad register block".to_owned())
                         });
                         match applied {
-                            Ok(regs) => g.regs = regs,
+                            Ok(regs) => {
+                                g.regs = regs;
+                                log::info!(
+                                    "vendor-sample: loaded state digest {:#018x} ({} pages), verified against the source's",
+                                    g.pages.digest(),
+                                    g.pages.count()
+                                );
+                            }
                             Err(e) => {
                                 g.state = Error;
                                 log::warn!("vendor-sample: resume failed: {e}");
@@ -481,7 +488,16 @@ impl SampleDevice {
                 }
                 false
             }
-            (PreCopy | PreCopyP2p, Running | RunningP2p) | (StopCopy, Stop) => {
+            (StopCopy, Stop) => {
+                g.session = Session::None;
+                log::info!(
+                    "vendor-sample: saved state digest {:#018x} ({} pages)",
+                    g.pages.digest(),
+                    g.pages.count()
+                );
+                false
+            }
+            (PreCopy | PreCopyP2p, Running | RunningP2p) => {
                 g.session = Session::None;
                 false
             }

@@ -1,0 +1,346 @@
+//! Guests that drive the sample vendor device behind `vfio-pci` through
+//! the PCI host bridge ([`crate::pci`]), at CPL 3:
+//!
+//! - `vfio-demo`: enumerates bus 0 through `0xCF8/0xCFC`, finds
+//!   [`SAMPLE_VENDOR`]:[`SAMPLE_DEVICE`], sizes BAR0 (all ones, read the
+//!   mask), places it at [`crate::pci::MMIO_WINDOW_BASE`], enables memory
+//!   decode, reads the ID register, writes and checks the 16 scratch
+//!   registers, enables the device interrupt, rings the doorbell and polls
+//!   STATUS until the interrupt is pending (the guest cannot take it; the
+//!   host sees the INTx line in the IOAPIC's IRR). Prints
+//!   `vfio-demo: ok` and exits 0.
+//! - `vfio-verify`: the same set-up, then rounds that check the ID
+//!   register, check every scratch register holds what the previous round
+//!   wrote and write this round's values, ring the doorbell and check the
+//!   doorbell count, and touch a state page (the device's background
+//!   thread changes its state too). A migration that loses or corrupts the
+//!   device's registers is caught. `r12` rounds (0 = 400), `r13` delay
+//!   iterations per round. Prints `vfio-verify: 0x... rounds verified`
+//!   and exits 0.
+//!
+//! Exit codes: 2 device not found, 3 bad BAR, 4 bad ID register, 5
+//! scratch mismatch, 6 interrupt already pending, 7 no interrupt, 8 bad
+//! doorbell count, 9 a check failed in `vfio-verify`.
+
+use super::{asm::*, GuestError, GuestProgram};
+use crate::pci::{CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT, ENABLE, MMIO_WINDOW_BASE};
+
+/// PCI IDs of the sample vendor device.
+pub const SAMPLE_VENDOR: u16 = 0x1de5;
+pub const SAMPLE_DEVICE: u16 = 0x0001;
+const ID: u32 = (SAMPLE_DEVICE as u32) << 16 | SAMPLE_VENDOR as u32;
+const REG_ID: i32 = 0x000;
+const REG_CONTROL: i32 = 0x008;
+const REG_STATUS: i32 = 0x00c;
+const REG_DOORBELL: i32 = 0x010;
+const REG_DOORBELL_COUNT: i32 = 0x014;
+const REG_TOUCH: i32 = 0x038;
+const REG_SCRATCH: i32 = 0x100;
+/// Rounds of `vfio-verify` when `r12` is 0.
+pub const DEFAULT_ROUNDS: u64 = 400;
+const K_ROUND: u32 = 0x9E37_79B1;
+const K_INDEX: u32 = 0x85EB_CA77;
+
+/// The value `vfio-verify` keeps in scratch register `i` after `round`.
+pub fn scratch_value(round: u32, i: u32) -> u32 {
+    round.wrapping_mul(K_ROUND) ^ i.wrapping_mul(K_INDEX)
+}
+
+/// `eax` = config dword at address `eax`. Clobbers `dx`.
+fn cfg_read(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.mov(dx, CONFIG_ADDRESS_PORT as u32)?;
+    a.out(dx, eax)?;
+    a.mov(dx, CONFIG_DATA_PORT as u32)?;
+    a.in_(eax, dx)
+}
+
+/// Config dword at address `eax` = `ebx`. Clobbers `eax`, `dx`.
+fn cfg_write(a: &mut CodeAssembler) -> Result<(), IcedError> {
+    a.mov(dx, CONFIG_ADDRESS_PORT as u32)?;
+    a.out(dx, eax)?;
+    a.mov(dx, CONFIG_DATA_PORT as u32)?;
+    a.mov(eax, ebx)?;
+    a.out(dx, eax)
+}
+
+/// Print `msg`, then `rax` in hex. Clobbers `rax`, `rcx`, `rdx`, `r11`.
+fn print_hex(a: &mut CodeAssembler, msg: &str) -> Result<(), IcedError> {
+    a.push(rax)?;
+    print(a, msg)?;
+    a.pop(rax)?;
+    print_hex_rax(a)
+}
+
+/// Find the device and program BAR0. Leaves `r13d` = its CONFIG_ADDRESS
+/// base and `r14` = the BAR0 address; exits 2/3/4 on failure.
+fn setup(a: &mut CodeAssembler, name: &str) -> Result<(), IcedError> {
+    let mut scan = a.create_label();
+    let mut next = a.create_label();
+    let mut not_found = a.create_label();
+    let mut bad_bar = a.create_label();
+    let mut bad_id = a.create_label();
+    let mut ready = a.create_label();
+    print(a, &format!("{name}: scanning PCI bus 0\n"))?;
+    a.xor(r12d, r12d)?;
+    a.xor(r13d, r13d)?;
+    a.set_label(&mut scan)?;
+    a.mov(eax, r12d)?;
+    a.shl(eax, 11u32)?;
+    a.or(eax, ENABLE as i32)?;
+    cfg_read(a)?;
+    a.cmp(eax, -1i32)?;
+    a.je(next)?;
+    a.mov(r8d, eax)?;
+    a.mov(eax, r12d)?;
+    print_hex(a, &format!("{name}: 00:"))?;
+    a.mov(eax, r8d)?;
+    print_hex(a, " id ")?;
+    print(a, "\n")?;
+    a.cmp(r8d, ID as i32)?;
+    a.jne(next)?;
+    a.test(r13d, r13d)?;
+    a.jnz(next)?;
+    a.mov(r13d, r12d)?;
+    a.shl(r13d, 11u32)?;
+    a.or(r13d, ENABLE as i32)?;
+    a.set_label(&mut next)?;
+    a.inc(r12d)?;
+    a.cmp(r12d, 32)?;
+    a.jb(scan)?;
+    a.test(r13d, r13d)?;
+    a.jz(not_found)?;
+
+    // Size BAR0: write all ones, read the mask back.
+    a.mov(eax, r13d)?;
+    a.or(eax, 0x10)?;
+    a.mov(ebx, -1i32)?;
+    cfg_write(a)?;
+    a.mov(eax, r13d)?;
+    a.or(eax, 0x10)?;
+    cfg_read(a)?;
+    a.test(eax, 1)?; // an I/O BAR is not what this device has
+    a.jnz(bad_bar)?;
+    a.and(eax, -16i32)?;
+    a.jz(bad_bar)?;
+    a.not(eax)?;
+    a.inc(eax)?;
+    a.cmp(eax, 0x4000_0000)?;
+    a.ja(bad_bar)?;
+    a.mov(r9d, eax)?;
+    print_hex(a, &format!("{name}: BAR0 size "))?;
+    print(a, "\n")?;
+    // Place it at the start of the MMIO window (aligned to any size up to
+    // 1 GiB), check it reads back, enable memory decode.
+    a.mov(r14, MMIO_WINDOW_BASE)?;
+    a.mov(eax, r13d)?;
+    a.or(eax, 0x10)?;
+    a.mov(ebx, r14d)?;
+    cfg_write(a)?;
+    a.mov(eax, r13d)?;
+    a.or(eax, 0x10)?;
+    cfg_read(a)?;
+    a.and(eax, -16i32)?;
+    a.cmp(eax, r14d)?;
+    a.jne(bad_bar)?;
+    a.mov(eax, r13d)?;
+    a.or(eax, 0x04)?;
+    cfg_read(a)?;
+    a.or(eax, 0x2)?; // memory space
+    a.and(eax, 0xfbff)?; // INTx enabled; status (RW1C) written as 0
+    a.mov(ebx, eax)?;
+    a.mov(eax, r13d)?;
+    a.or(eax, 0x04)?;
+    cfg_write(a)?;
+    // The ID register through the BAR.
+    a.mov(eax, dword_ptr(r14 + REG_ID))?;
+    a.cmp(eax, ID as i32)?;
+    a.jne(bad_id)?;
+    a.mov(rax, r14)?;
+    print_hex(a, &format!("{name}: BAR0 at "))?;
+    a.mov(eax, dword_ptr(r14 + REG_ID))?;
+    print_hex(a, ", ID register ")?;
+    print(a, "\n")?;
+    a.jmp(ready)?;
+
+    a.set_label(&mut not_found)?;
+    print(a, &format!("{name}: device {SAMPLE_VENDOR:04x}:{SAMPLE_DEVICE:04x} not found\n"))?;
+    exit_with(a, 2)?;
+    a.set_label(&mut bad_bar)?;
+    print(a, &format!("{name}: BAR0 cannot be sized or placed\n"))?;
+    exit_with(a, 3)?;
+    a.set_label(&mut bad_id)?;
+    print_hex(a, &format!("{name}: bad ID register "))?;
+    print(a, "\n")?;
+    exit_with(a, 4)?;
+    a.set_label(&mut ready)?;
+    Ok(())
+}
+
+/// `vfio-demo` (see the module docs).
+pub fn vfio_demo() -> Result<GuestProgram, GuestError> {
+    program("vfio-demo", |a| {
+        let mut wloop = a.create_label();
+        let mut rloop = a.create_label();
+        let mut poll = a.create_label();
+        let mut got = a.create_label();
+        let mut bad_scratch = a.create_label();
+        let mut early = a.create_label();
+        let mut no_irq = a.create_label();
+        let mut bad_count = a.create_label();
+        setup(a, "vfio-demo")?;
+        // Scratch registers: write a pattern, read it back.
+        a.xor(ecx, ecx)?;
+        a.set_label(&mut wloop)?;
+        a.imul_3(eax, ecx, K_INDEX as i32)?;
+        a.xor(eax, 0xa5a5_a5a5u32 as i32)?;
+        a.mov(dword_ptr(r14 + rcx * 4 + REG_SCRATCH), eax)?;
+        a.inc(ecx)?;
+        a.cmp(ecx, 16)?;
+        a.jb(wloop)?;
+        a.xor(ecx, ecx)?;
+        a.set_label(&mut rloop)?;
+        a.imul_3(eax, ecx, K_INDEX as i32)?;
+        a.xor(eax, 0xa5a5_a5a5u32 as i32)?;
+        a.cmp(dword_ptr(r14 + rcx * 4 + REG_SCRATCH), eax)?;
+        a.jne(bad_scratch)?;
+        a.inc(ecx)?;
+        a.cmp(ecx, 16)?;
+        a.jb(rloop)?;
+        print(a, "vfio-demo: 16 scratch registers read back\n")?;
+        // The interrupt: nothing pending yet; enable, ring, poll STATUS.
+        a.mov(eax, dword_ptr(r14 + REG_STATUS))?;
+        a.test(eax, 1)?;
+        a.jnz(early)?;
+        a.mov(dword_ptr(r14 + REG_CONTROL), 1)?;
+        a.mov(dword_ptr(r14 + REG_DOORBELL), 1)?;
+        a.mov(ecx, 100_000)?;
+        a.set_label(&mut poll)?;
+        a.mov(eax, dword_ptr(r14 + REG_STATUS))?;
+        a.test(eax, 1)?;
+        a.jnz(got)?;
+        a.dec(ecx)?;
+        a.jnz(poll)?;
+        a.jmp(no_irq)?;
+        a.set_label(&mut got)?;
+        a.mov(eax, dword_ptr(r14 + REG_DOORBELL_COUNT))?;
+        a.cmp(eax, 1)?;
+        a.jne(bad_count)?;
+        a.mov(eax, dword_ptr(r14 + REG_STATUS))?;
+        print_hex(a, "vfio-demo: doorbell rung, interrupt pending, status ")?;
+        print(a, "\nvfio-demo: ok\n")?;
+        exit_with(a, 0)?;
+
+        a.set_label(&mut bad_scratch)?;
+        a.mov(eax, ecx)?;
+        print_hex(a, "vfio-demo: scratch mismatch at register ")?;
+        print(a, "\n")?;
+        exit_with(a, 5)?;
+        a.set_label(&mut early)?;
+        print(a, "vfio-demo: interrupt pending before the doorbell\n")?;
+        exit_with(a, 6)?;
+        a.set_label(&mut no_irq)?;
+        print(a, "vfio-demo: no interrupt after the doorbell\n")?;
+        exit_with(a, 7)?;
+        a.set_label(&mut bad_count)?;
+        print_hex(a, "vfio-demo: doorbell count ")?;
+        print(a, "\n")?;
+        exit_with(a, 8)
+    })
+}
+
+/// `vfio-verify` (see the module docs).
+pub fn vfio_verify() -> Result<GuestProgram, GuestError> {
+    program("vfio-verify", |a| {
+        let mut rounds_set = a.create_label();
+        let mut round = a.create_label();
+        let mut sloop = a.create_label();
+        let mut skip = a.create_label();
+        let mut delay = a.create_label();
+        let mut delay_done = a.create_label();
+        let mut no_print = a.create_label();
+        let mut bad = a.create_label();
+        // r12/r13 are the config's; keep them in r15/rsi before `setup`.
+        a.mov(r15, r12)?;
+        a.mov(rsi, r13)?;
+        a.test(r15, r15)?;
+        a.jnz(rounds_set)?;
+        a.mov(r15, DEFAULT_ROUNDS)?;
+        a.set_label(&mut rounds_set)?;
+        setup(a, "vfio-verify")?;
+        a.mov(dword_ptr(r14 + REG_CONTROL), 0)?;
+        // The doorbell count at the start (rounds add one each).
+        a.mov(edi, dword_ptr(r14 + REG_DOORBELL_COUNT))?;
+        a.mov(ebp, 1)?;
+        print(a, "vfio-verify: start\n")?;
+
+        a.set_label(&mut round)?;
+        a.mov(eax, dword_ptr(r14 + REG_ID))?;
+        a.cmp(eax, ID as i32)?;
+        a.jne(bad)?;
+        a.xor(ecx, ecx)?;
+        a.set_label(&mut sloop)?;
+        // r8d = value of the previous round, r9d = this round's.
+        a.imul_3(r10d, ecx, K_INDEX as i32)?;
+        a.lea(eax, dword_ptr(rbp - 1))?;
+        a.imul_3(r8d, eax, K_ROUND as i32)?;
+        a.xor(r8d, r10d)?;
+        a.imul_3(r9d, ebp, K_ROUND as i32)?;
+        a.xor(r9d, r10d)?;
+        a.cmp(ebp, 1)?;
+        a.je(skip)?;
+        a.mov(eax, dword_ptr(r14 + rcx * 4 + REG_SCRATCH))?;
+        a.cmp(eax, r8d)?;
+        a.jne(bad)?;
+        a.set_label(&mut skip)?;
+        a.mov(dword_ptr(r14 + rcx * 4 + REG_SCRATCH), r9d)?;
+        a.inc(ecx)?;
+        a.cmp(ecx, 16)?;
+        a.jb(sloop)?;
+        // Doorbell: the count follows.
+        a.mov(dword_ptr(r14 + REG_DOORBELL), 1)?;
+        a.lea(eax, dword_ptr(rdi + rbp))?;
+        a.cmp(dword_ptr(r14 + REG_DOORBELL_COUNT), eax)?;
+        a.jne(bad)?;
+        a.mov(dword_ptr(r14 + REG_TOUCH), ebp)?;
+        // Throttle.
+        a.mov(rcx, rsi)?;
+        a.set_label(&mut delay)?;
+        a.test(rcx, rcx)?;
+        a.jz(delay_done)?;
+        a.dec(rcx)?;
+        a.jmp(delay)?;
+        a.set_label(&mut delay_done)?;
+        a.test(ebp, 15)?;
+        a.jnz(no_print)?;
+        a.mov(eax, ebp)?;
+        print_hex(a, "vfio-verify: round 0x")?;
+        print(a, "\n")?;
+        a.set_label(&mut no_print)?;
+        a.inc(ebp)?;
+        a.cmp(rbp, r15)?;
+        a.jbe(round)?;
+        a.mov(rax, r15)?;
+        print_hex(a, "vfio-verify: 0x")?;
+        print(a, " rounds verified\n")?;
+        exit_with(a, 0)?;
+
+        a.set_label(&mut bad)?;
+        a.mov(eax, ebp)?;
+        print_hex(a, "vfio-verify: MISMATCH in round 0x")?;
+        print(a, "\n")?;
+        exit_with(a, 9)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assemble() {
+        assert!(!vfio_demo().unwrap().code.is_empty());
+        assert!(!vfio_verify().unwrap().code.is_empty());
+        assert_ne!(scratch_value(1, 0), scratch_value(2, 0));
+        assert_ne!(scratch_value(1, 0), scratch_value(1, 1));
+    }
+}
