@@ -11,6 +11,8 @@ if [ -e /dev/kvm ] && [ -z "${DMHOST_REQUIRE_KVM:-}" ]; then
     export DMHOST_REQUIRE_KVM=1
 fi
 
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --all-targets
 cargo test --workspace -- --test-threads=2
 # The fuzz targets (cargo-fuzz crate outside the workspace) must keep building.

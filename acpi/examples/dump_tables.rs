@@ -5,9 +5,7 @@ use ::nvdimm::acpi::{device_aml, nfit_structures, DimmInfo};
 use dmhost_acpi::{nvdimm as nvdr, tables, TableSet, RSDP_DEFAULT_GPA};
 
 fn main() {
-    let dir = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "acpi-tables".into());
+    let dir = std::env::args().nth(1).unwrap_or_else(|| "acpi-tables".into());
     let mut set = TableSet::new(tables::dsdt(&[], Some(nvdr::DSM_PAGE_DEFAULT_GPA)));
     set.add(tables::madt(&tables::MadtConfig::with_cpus(2)));
     let mut nfit = Vec::new();
@@ -15,11 +13,7 @@ fn main() {
         let id = format!("NVDIMM{slot:02}");
         let mut table_id = [b' '; 8];
         table_id.copy_from_slice(id.as_bytes());
-        set.add(tables::ssdt(
-            table_id,
-            "\\_SB_.NVDR",
-            &[device_aml(slot, slot == 0)],
-        ));
+        set.add(tables::ssdt(table_id, "\\_SB_.NVDR", &[device_aml(slot, slot == 0)]));
         nfit.push(nfit_structures(&DimmInfo {
             slot,
             node: 0,

@@ -72,10 +72,7 @@ pub struct AcpiImage {
 
 impl TableSet {
     pub fn new(dsdt: Table) -> Self {
-        Self {
-            dsdt,
-            tables: Vec::new(),
-        }
+        Self { dsdt, tables: Vec::new() }
     }
 
     /// Add a table the XSDT lists (MADT, SSDT, NFIT, ...), in order.
@@ -116,17 +113,9 @@ impl TableSet {
             off = align(off + t.len() as u64);
         }
         let total = off;
-        let limit = if base_gpa < BIOS_AREA_END {
-            BIOS_AREA_END
-        } else {
-            u64::MAX
-        };
+        let limit = if base_gpa < BIOS_AREA_END { BIOS_AREA_END } else { u64::MAX };
         if base_gpa.checked_add(total).is_none_or(|end| end > limit) {
-            return Err(LayoutError::TooLarge {
-                base: base_gpa,
-                len: total,
-                limit,
-            });
+            return Err(LayoutError::TooLarge { base: base_gpa, len: total, limit });
         }
 
         let gpa = |o: u64| base_gpa + o;
@@ -140,11 +129,7 @@ impl TableSet {
         let mut placed = Vec::new();
         let mut put = |name: String, o: u64, b: &[u8]| {
             bytes[o as usize..o as usize + b.len()].copy_from_slice(b);
-            placed.push(PlacedTable {
-                name,
-                gpa: gpa(o),
-                len: b.len(),
-            });
+            placed.push(PlacedTable { name, gpa: gpa(o), len: b.len() });
         };
         put("RSDP".into(), 0, &rsdp);
         put("XSDT".into(), xsdt_off, xsdt.bytes());
@@ -161,12 +146,7 @@ impl TableSet {
             fix_checksum(&mut b);
             put(name, o, &b);
         }
-        Ok(AcpiImage {
-            base_gpa,
-            bytes,
-            rsdp_gpa: base_gpa,
-            tables: placed,
-        })
+        Ok(AcpiImage { base_gpa, bytes, rsdp_gpa: base_gpa, tables: placed })
     }
 }
 
@@ -214,25 +194,15 @@ mod tests {
     fn pointers_and_checksums() {
         let img = set().layout(RSDP_DEFAULT_GPA).unwrap();
         let names: Vec<_> = img.tables.iter().map(|t| t.name.as_str()).collect();
-        assert_eq!(
-            names,
-            ["RSDP", "XSDT", "FACP", "DSDT", "APIC", "SSDT1", "SSDT2", "NFIT"]
-        );
+        assert_eq!(names, ["RSDP", "XSDT", "FACP", "DSDT", "APIC", "SSDT1", "SSDT2", "NFIT"]);
         let rsdp = img.table("RSDP").unwrap();
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert!(checksum_ok(&rsdp[..20]) && checksum_ok(rsdp));
         let xsdt_gpa = u64_at(rsdp, 24);
         assert_eq!(xsdt_gpa, img.tables[1].gpa);
         let xsdt = img.table("XSDT").unwrap();
-        let entries: Vec<u64> = (36..xsdt.len())
-            .step_by(8)
-            .map(|o| u64_at(xsdt, o))
-            .collect();
-        let want: Vec<u64> = img.tables[2..]
-            .iter()
-            .filter(|t| t.name != "DSDT")
-            .map(|t| t.gpa)
-            .collect();
+        let entries: Vec<u64> = (36..xsdt.len()).step_by(8).map(|o| u64_at(xsdt, o)).collect();
+        let want: Vec<u64> = img.tables[2..].iter().filter(|t| t.name != "DSDT").map(|t| t.gpa).collect();
         assert_eq!(entries, want);
         let fadt = img.table("FACP").unwrap();
         assert_eq!(u64_at(fadt, 140), img.tables[3].gpa); // X_DSDT
@@ -247,30 +217,15 @@ mod tests {
 
     #[test]
     fn layout_errors() {
-        assert_eq!(
-            set().layout(0xe0008).unwrap_err(),
-            LayoutError::Unaligned(0xe0008)
-        );
-        assert!(matches!(
-            set().layout(0xffff0).unwrap_err(),
-            LayoutError::TooLarge { .. }
-        ));
-        assert!(matches!(
-            set().layout(u64::MAX - 15).unwrap_err(),
-            LayoutError::TooLarge { .. }
-        ));
+        assert_eq!(set().layout(0xe0008).unwrap_err(), LayoutError::Unaligned(0xe0008));
+        assert!(matches!(set().layout(0xffff0).unwrap_err(), LayoutError::TooLarge { .. }));
+        assert!(matches!(set().layout(u64::MAX - 15).unwrap_err(), LayoutError::TooLarge { .. }));
         let mut s = set();
         s.add(crate::tables::xsdt(&[]));
-        assert!(matches!(
-            s.layout(0x1000).unwrap_err(),
-            LayoutError::Reserved(_)
-        ));
+        assert!(matches!(s.layout(0x1000).unwrap_err(), LayoutError::Reserved(_)));
         let mut s = set();
         s.add(Table::from_bytes(vec![1, 2, 3]));
-        assert!(matches!(
-            s.layout(0x1000).unwrap_err(),
-            LayoutError::BadTable(_)
-        ));
+        assert!(matches!(s.layout(0x1000).unwrap_err(), LayoutError::BadTable(_)));
         // Above 1 MiB any size goes.
         assert!(set().layout(0x1_0000_0000).is_ok());
     }
@@ -280,9 +235,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let img = set().layout(RSDP_DEFAULT_GPA).unwrap();
         img.dump(dir.path()).unwrap();
-        for n in [
-            "RSDP", "XSDT", "FACP", "DSDT", "APIC", "SSDT1", "SSDT2", "NFIT",
-        ] {
+        for n in ["RSDP", "XSDT", "FACP", "DSDT", "APIC", "SSDT1", "SSDT2", "NFIT"] {
             let b = std::fs::read(dir.path().join(format!("{n}.dat"))).unwrap();
             assert_eq!(b, img.table(n).unwrap());
         }

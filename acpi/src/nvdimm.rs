@@ -42,10 +42,10 @@
 
 use acpi_tables::{
     aml::{
-        Add, Arg, BufferData, Concat, CreateDWordField, DeRefOf, Device, Else, Equal,
-        FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, GreaterThan, If, Index,
-        LessThan, Local, Method, MethodCall, Mid, Name, NotEqual, ObjectType, OpRegion,
-        OpRegionSpace, Package, Path, Return, SizeOf, Store, Subtract, Uuid, While, ONE, ZERO,
+        Add, Arg, BufferData, Concat, CreateDWordField, DeRefOf, Device, Else, Equal, FieldAccessType,
+        FieldEntry, FieldLockRule, FieldUpdateRule, GreaterThan, If, Index, LessThan, Local, Method,
+        MethodCall, Mid, Name, NotEqual, ObjectType, OpRegion, OpRegionSpace, Package, Path, Return, SizeOf,
+        Store, Subtract, Uuid, While, ONE, ZERO,
     },
     Aml, AmlSink,
 };
@@ -148,10 +148,7 @@ impl FitBuffer {
 
     /// QEMU `nvdimm_dsm_func_read_fit`.
     fn read(&mut self, arg3: &[u8]) -> DsmReply {
-        let Some(offset) = arg3
-            .get(0..4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        else {
+        let Some(offset) = arg3.get(0..4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])) else {
             return DsmReply::status(DsmReply::INVALID_INPUT);
         };
         let offset = offset as usize;
@@ -244,20 +241,14 @@ pub fn root_device_aml(dsm_page_gpa: u64) -> Vec<u8> {
     let rsta = Name::new("RSTA".into(), &ZERO);
     let regions = page_regions(dsm_page_gpa);
     let ncal = ncal();
-    let call = MethodCall::new(
-        "NCAL".into(),
-        vec![&Arg(0), &Arg(1), &Arg(2), &Arg(3), &ZERO],
-    );
+    let call = MethodCall::new("NCAL".into(), vec![&Arg(0), &Arg(1), &Arg(2), &Arg(3), &ZERO]);
     let ret = Return::new(&call);
     let dsm = Method::new("_DSM".into(), 4, false, vec![&ret]);
     let rfit = rfit();
     let fit = fit_method();
     let mut out = Vec::new();
-    Device::new(
-        "NVDR".into(),
-        vec![&hid, &mema, &rsta, &regions, &ncal, &dsm, &rfit, &fit],
-    )
-    .to_aml_bytes(&mut out);
+    Device::new("NVDR".into(), vec![&hid, &mema, &rsta, &regions, &ncal, &dsm, &rfit, &fit])
+        .to_aml_bytes(&mut out);
     out
 }
 
@@ -265,19 +256,9 @@ pub fn root_device_aml(dsm_page_gpa: u64) -> Vec<u8> {
 /// (`HDLE`, `REVS`, `FUNC`, `FARG`) and reply (`RLEN`, `ODAT`) views.
 fn page_regions(dsm_page_gpa: u64) -> Raw {
     let page_bits = |bytes: usize| bytes * 8;
-    let npio = OpRegion::new(
-        "NPIO".into(),
-        OpRegionSpace::SystemIO,
-        &DSM_DOORBELL_PORT,
-        &DSM_DOORBELL_LEN,
-    );
+    let npio = OpRegion::new("NPIO".into(), OpRegionSpace::SystemIO, &DSM_DOORBELL_PORT, &DSM_DOORBELL_LEN);
     let page_len = DSM_PAGE_SIZE as u16;
-    let nram = OpRegion::new(
-        "NRAM".into(),
-        OpRegionSpace::SystemMemory,
-        &dsm_page_gpa,
-        &page_len,
-    );
+    let nram = OpRegion::new("NRAM".into(), OpRegionSpace::SystemMemory, &dsm_page_gpa, &page_len);
     let field = |region: &str, entries: Vec<FieldEntry>| {
         acpi_tables::aml::Field::new(
             region.into(),
@@ -299,10 +280,7 @@ fn page_regions(dsm_page_gpa: u64) -> Raw {
     );
     let f_out = field(
         "NRAM",
-        vec![
-            FieldEntry::Named(*b"RLEN", 32),
-            FieldEntry::Named(*b"ODAT", page_bits(DSM_PAGE_SIZE - 4)),
-        ],
+        vec![FieldEntry::Named(*b"RLEN", 32), FieldEntry::Named(*b"ODAT", page_bits(DSM_PAGE_SIZE - 4))],
     );
     raw(&[&npio, &nram, &f_io, &f_in, &f_out])
 }
@@ -320,11 +298,8 @@ fn ncal() -> Raw {
     let p_odat = Path::new("ODAT");
     let page_len = DSM_PAGE_SIZE as u16;
     // Local0 = the UUID expected for this handle.
-    let (root_uuid, fit_uuid, dimm_uuid) = (
-        Uuid::new(ROOT_DSM_UUID),
-        Uuid::new(FIT_DSM_UUID),
-        Uuid::new(DIMM_DSM_UUID),
-    );
+    let (root_uuid, fit_uuid, dimm_uuid) =
+        (Uuid::new(ROOT_DSM_UUID), Uuid::new(FIT_DSM_UUID), Uuid::new(DIMM_DSM_UUID));
     let set_root = Store::new(&Local(0), &root_uuid);
     let set_fit = Store::new(&Local(0), &fit_uuid);
     let set_dimm = Store::new(&Local(0), &dimm_uuid);
@@ -409,10 +384,7 @@ fn rfit() -> Raw {
     let idx = Index::new(&ZERO, &Local(1), &ZERO);
     let set_off = Store::new(&idx, &Arg(0));
     let uuid = Uuid::new(FIT_DSM_UUID);
-    let call = MethodCall::new(
-        "NCAL".into(),
-        vec![&uuid, &DSM_REVISION, &ONE, &Local(1), &FIT_HANDLE],
-    );
+    let call = MethodCall::new("NCAL".into(), vec![&uuid, &DSM_REVISION, &ONE, &Local(1), &FIT_HANDLE]);
     let get = Store::new(&Local(0), &call);
     let empty = BufferData::new(vec![]);
     let ret_empty = Return::new(&empty);
@@ -433,10 +405,7 @@ fn rfit() -> Raw {
         "RFIT".into(),
         1,
         true,
-        vec![
-            &init, &set_off, &get, &if_short, &create, &set_rsta, &if_failed, &len, &if_none, &mid,
-            &ret,
-        ],
+        vec![&init, &set_off, &get, &if_short, &create, &set_rsta, &if_failed, &len, &if_none, &mid, &ret],
     )])
 }
 
@@ -461,12 +430,7 @@ fn fit_method() -> Raw {
     let else_more = Else::new(vec![&if_done, &advance, &append]);
     let body = While::new(&ONE, vec![&get, &get_size, &if_changed, &else_more]);
     // Unreachable, but iasl wants every path of _FIT to return a Buffer.
-    raw(&[&Method::new(
-        "_FIT".into(),
-        0,
-        true,
-        vec![&init_fit, &init_off, &body, &ret],
-    )])
+    raw(&[&Method::new("_FIT".into(), 0, true, vec![&init_fit, &init_off, &body, &ret])])
 }
 
 #[cfg(test)]
@@ -489,32 +453,17 @@ mod tests {
     #[test]
     fn request_parsing() {
         let r = parse_request(&page(1, 1, 5, &[1, 2, 3])).unwrap();
-        assert_eq!(
-            (r.handle, r.revision, r.function, r.arg3.len()),
-            (1, 1, 5, 4084)
-        );
+        assert_eq!((r.handle, r.revision, r.function, r.arg3.len()), (1, 1, 5, 4084));
         assert_eq!(&r.arg3[..4], &[1, 2, 3, 0]);
         assert_eq!(parse_request(&[0; 12]), Err(DsmPageError::Size(12)));
     }
 
     #[test]
     fn reply_encoding() {
-        assert_eq!(
-            encode_reply(0, &DsmReply::ok(vec![0x71, 0, 0, 0])),
-            [8, 0, 0, 0, 0x71, 0, 0, 0]
-        );
-        assert_eq!(
-            encode_reply(0, &DsmReply::status(1)),
-            [8, 0, 0, 0, 0, 0, 0, 0]
-        );
-        assert_eq!(
-            encode_reply(4, &DsmReply::ok(vec![9, 9])),
-            [10, 0, 0, 0, 0, 0, 0, 0, 9, 9]
-        );
-        assert_eq!(
-            encode_reply(5, &DsmReply::status(3)),
-            [8, 0, 0, 0, 3, 0, 0, 0]
-        );
+        assert_eq!(encode_reply(0, &DsmReply::ok(vec![0x71, 0, 0, 0])), [8, 0, 0, 0, 0x71, 0, 0, 0]);
+        assert_eq!(encode_reply(0, &DsmReply::status(1)), [8, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(encode_reply(4, &DsmReply::ok(vec![9, 9])), [10, 0, 0, 0, 0, 0, 0, 0, 9, 9]);
+        assert_eq!(encode_reply(5, &DsmReply::status(3)), [8, 0, 0, 0, 3, 0, 0, 0]);
         let huge = DsmReply::ok(vec![0; 4090]);
         assert_eq!(encode_reply(5, &huge), [8, 0, 0, 0, 1, 0, 0, 0]);
     }
@@ -523,30 +472,12 @@ mod tests {
     fn routing_matches_qemu() {
         let mut fit = FitBuffer::default();
         let serve = |p: &[u8], fit: &mut FitBuffer| serve_page(p, fit, no_dimm).unwrap();
-        assert_eq!(
-            serve(&page(0, 1, 0, &[]), &mut fit),
-            [8, 0, 0, 0, 0, 0, 0, 0]
-        );
-        assert_eq!(
-            serve(&page(0, 1, 3, &[]), &mut fit),
-            [8, 0, 0, 0, 1, 0, 0, 0]
-        );
-        assert_eq!(
-            serve(&page(5, 1, 4, &[]), &mut fit),
-            [8, 0, 0, 0, 2, 0, 0, 0]
-        );
-        assert_eq!(
-            serve(&page(5, 1, 0, &[]), &mut fit),
-            [8, 0, 0, 0, 0, 0, 0, 0]
-        );
-        assert_eq!(
-            serve(&page(5, 2, 4, &[]), &mut fit),
-            [8, 0, 0, 0, 1, 0, 0, 0]
-        );
-        assert_eq!(
-            serve(&page(FIT_HANDLE, 1, 0, &[]), &mut fit),
-            [8, 0, 0, 0, 3, 0, 0, 0]
-        );
+        assert_eq!(serve(&page(0, 1, 0, &[]), &mut fit), [8, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(serve(&page(0, 1, 3, &[]), &mut fit), [8, 0, 0, 0, 1, 0, 0, 0]);
+        assert_eq!(serve(&page(5, 1, 4, &[]), &mut fit), [8, 0, 0, 0, 2, 0, 0, 0]);
+        assert_eq!(serve(&page(5, 1, 0, &[]), &mut fit), [8, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(serve(&page(5, 2, 4, &[]), &mut fit), [8, 0, 0, 0, 1, 0, 0, 0]);
+        assert_eq!(serve(&page(FIT_HANDLE, 1, 0, &[]), &mut fit), [8, 0, 0, 0, 3, 0, 0, 0]);
         let r = serve_page(&page(1, 1, 4, &[]), &mut fit, |req| {
             assert_eq!(req.handle, 1);
             Some(DsmReply::ok(vec![7]))
@@ -564,10 +495,7 @@ mod tests {
             serve_page(&page(FIT_HANDLE, 1, 1, &off.to_le_bytes()), fit, no_dimm).unwrap()
         };
         let first = read(&mut fit, 0);
-        assert_eq!(
-            u32::from_le_bytes(first[0..4].try_into().unwrap()) as usize,
-            8 + 4088
-        );
+        assert_eq!(u32::from_le_bytes(first[0..4].try_into().unwrap()) as usize, 8 + 4088);
         assert_eq!(&first[8..], &structures[..4088]);
         let second = read(&mut fit, 4088);
         assert_eq!(&second[8..], &structures[4088..]);

@@ -38,9 +38,7 @@ impl Table {
     }
 
     fn from_sdt(sdt: &Sdt) -> Self {
-        Self {
-            bytes: sdt.as_slice().to_vec(),
-        }
+        Self { bytes: sdt.as_slice().to_vec() }
     }
 
     fn from_aml(aml: &dyn Aml) -> Self {
@@ -87,14 +85,7 @@ pub fn checksum_ok(bytes: &[u8]) -> bool {
 }
 
 fn sdt(signature: [u8; 4], revision: u8, table_id: [u8; 8], body: &[u8]) -> Table {
-    let mut sdt = Sdt::new(
-        signature,
-        HEADER_LEN as u32,
-        revision,
-        OEM_ID,
-        table_id,
-        OEM_REVISION,
-    );
+    let mut sdt = Sdt::new(signature, HEADER_LEN as u32, revision, OEM_ID, table_id, OEM_REVISION);
     sdt.append_slice(body);
     Table::from_sdt(&sdt)
 }
@@ -165,16 +156,8 @@ impl MadtConfig {
             ioapic_addr: IOAPIC_ADDR,
             ioapic_gsi_base: 0,
             overrides: vec![
-                InterruptOverride {
-                    source_irq: 0,
-                    gsi: 2,
-                    flags: 0,
-                },
-                InterruptOverride {
-                    source_irq: 9,
-                    gsi: 9,
-                    flags: INTI_LEVEL_HIGH,
-                },
+                InterruptOverride { source_irq: 0, gsi: 2, flags: 0 },
+                InterruptOverride { source_irq: 9, gsi: 9, flags: INTI_LEVEL_HIGH },
             ],
         }
     }
@@ -270,10 +253,7 @@ mod tests {
         assert!(checksum_ok(&rsdp(0x1000)[..20]) && checksum_ok(&rsdp(0x1000)));
         assert_eq!(xsdt(&[1, 2]).len(), 36 + 16);
         // 2 LAPICs (8) + IOAPIC (12) + 2 ISOs (10) + NMI (6)
-        assert_eq!(
-            madt(&MadtConfig::with_cpus(2)).len(),
-            36 + 8 + 16 + 12 + 20 + 6
-        );
+        assert_eq!(madt(&MadtConfig::with_cpus(2)).len(), 36 + 8 + 16 + 12 + 20 + 6);
         assert_eq!(nfit(&[]).len(), 40);
     }
 
@@ -291,9 +271,6 @@ mod tests {
         raw[9] = 0x55;
         let t = Table::from_bytes(raw);
         assert!(checksum_ok(t.bytes()));
-        assert_eq!(
-            u32::from_le_bytes(t.bytes()[4..8].try_into().unwrap()) as usize,
-            t.len()
-        );
+        assert_eq!(u32::from_le_bytes(t.bytes()[4..8].try_into().unwrap()) as usize, t.len());
     }
 }

@@ -51,11 +51,7 @@ fn image() -> AcpiImage {
     let mut nfit = Vec::new();
     for slot in 0..2u32 {
         let table_id: [u8; 8] = *format!("NVDIMM{slot:02}").as_bytes().first_chunk().unwrap();
-        set.add(tables::ssdt(
-            table_id,
-            "\\_SB_.NVDR",
-            &[device_aml(slot, slot == 0)],
-        ));
+        set.add(tables::ssdt(table_id, "\\_SB_.NVDR", &[device_aml(slot, slot == 0)]));
         nfit.push(nfit_structures(&DimmInfo {
             slot,
             node: slot,
@@ -82,11 +78,7 @@ fn run(dir: &Path, cmd: &str, args: &[&str]) -> (bool, String) {
         .current_dir(dir)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)
 }
 
@@ -94,16 +86,8 @@ fn run(dir: &Path, cmd: &str, args: &[&str]) -> (bool, String) {
 fn every_table_disassembles_and_recompiles_cleanly() {
     ensure_acpica();
     let (dir, img) = dumped();
-    let names: Vec<&str> = img
-        .tables
-        .iter()
-        .map(|t| t.name.as_str())
-        .filter(|n| *n != "RSDP")
-        .collect();
-    assert_eq!(
-        names,
-        ["XSDT", "FACP", "DSDT", "APIC", "SSDT1", "SSDT2", "NFIT"]
-    );
+    let names: Vec<&str> = img.tables.iter().map(|t| t.name.as_str()).filter(|n| *n != "RSDP").collect();
+    assert_eq!(names, ["XSDT", "FACP", "DSDT", "APIC", "SSDT1", "SSDT2", "NFIT"]);
     for name in names {
         let dat = format!("{name}.dat");
         // SSDTs call \_SB.NVDR.NCAL: the disassembler needs the DSDT to
@@ -121,10 +105,7 @@ fn every_table_disassembles_and_recompiles_cleanly() {
         let out = format!("re-{name}");
         let (ok, text) = run(dir.path(), "iasl", &["-p", &out, &format!("{name}.dsl")]);
         assert!(ok, "iasl {name}.dsl failed:\n{text}");
-        assert!(
-            text.contains("0 Errors, 0 Warnings"),
-            "iasl {name}.dsl:\n{text}"
-        );
+        assert!(text.contains("0 Errors, 0 Warnings"), "iasl {name}.dsl:\n{text}");
     }
     let nfit = std::fs::read_to_string(dir.path().join("NFIT.dsl")).unwrap();
     for want in [
@@ -141,14 +122,8 @@ fn every_table_disassembles_and_recompiles_cleanly() {
     }
     let dsdt = std::fs::read_to_string(dir.path().join("DSDT.dsl")).unwrap();
     assert!(dsdt.contains("Name (_HID, \"ACPI0012\""), "{dsdt}");
-    assert!(
-        dsdt.contains("OperationRegion (NPIO, SystemIO, 0x0A18, 0x04)"),
-        "{dsdt}"
-    );
-    assert!(
-        dsdt.contains("OperationRegion (NRAM, SystemMemory, 0xFEFF0000, 0x1000)"),
-        "{dsdt}"
-    );
+    assert!(dsdt.contains("OperationRegion (NPIO, SystemIO, 0x0A18, 0x04)"), "{dsdt}");
+    assert!(dsdt.contains("OperationRegion (NRAM, SystemMemory, 0xFEFF0000, 0x1000)"), "{dsdt}");
 }
 
 /// Test-only SSDT: `TRAM` overlays the DSM page; each `T*` method calls one
@@ -262,46 +237,27 @@ fn acpiexec_runs_the_nvdimm_methods_and_the_page_holds_the_request() {
     let (ok, text) = run(dir.path(), "iasl", &["TEST.asl"]);
     assert!(ok && text.contains("0 Errors"), "test SSDT:\n{text}");
 
-    let methods = [
-        "TF4", "TF5", "TF6", "TNV1", "TBAD", "TROT", "TLSI", "TLSR", "TLSW", "TFIT", "TRPL",
-    ];
+    let methods = ["TF4", "TF5", "TF6", "TNV1", "TBAD", "TROT", "TLSI", "TLSR", "TLSW", "TFIT", "TRPL"];
     let batch: Vec<String> = methods.iter().map(|m| format!("execute \\{m}")).collect();
     let (ok, text) = run(
         dir.path(),
         "acpiexec",
-        &[
-            "-b",
-            &batch.join("; "),
-            "DSDT.dat",
-            "SSDT1.dat",
-            "SSDT2.dat",
-            "TEST.aml",
-        ],
+        &["-b", &batch.join("; "), "DSDT.dat", "SSDT1.dat", "SSDT2.dat", "TEST.aml"],
     );
     assert!(ok, "acpiexec failed:\n{text}");
     for bad in ["AE_", "Exception", "Error"] {
         assert!(!text.contains(bad), "acpiexec reported {bad}:\n{text}");
     }
     let runs = debug_output(&text);
-    let got: Vec<&str> = runs
-        .iter()
-        .map(|(m, _)| m.trim_start_matches('\\'))
-        .collect();
+    let got: Vec<&str> = runs.iter().map(|(m, _)| m.trim_start_matches('\\')).collect();
     assert_eq!(got, methods, "{text}");
-    let of = |m: &str| {
-        &runs
-            .iter()
-            .find(|(n, _)| n.trim_start_matches('\\') == m)
-            .unwrap()
-            .1
-    };
+    let of = |m: &str| &runs.iter().find(|(n, _)| n.trim_start_matches('\\') == m).unwrap().1;
     // No host answers: the first page word (RLEN) reads back as the handle,
     // too short a reply, so NCAL returns status 1 (not supported) ...
     let unsupported = "Buffer [0x04] | 0000: 01 00 00 00 // ....";
     // ... and the page holds {handle, revision, function, arg3...}.
-    let page = |h: u64, f: u64, a: [u64; 3]| {
-        [hex(h), hex(1), hex(f), hex(a[0]), hex(a[1]), hex(a[2])].to_vec()
-    };
+    let page =
+        |h: u64, f: u64, a: [u64; 3]| [hex(h), hex(1), hex(f), hex(a[0]), hex(a[1]), hex(a[2])].to_vec();
     let expect = |m: &str, ret: &str, req: Vec<String>| {
         let mut want = vec![ret.to_owned()];
         want.extend(req);
@@ -311,19 +267,11 @@ fn acpiexec_runs_the_nvdimm_methods_and_the_page_holds_the_request() {
     expect("TF5", unsupported, page(1, 5, [0x10, 0x20, 0]));
     expect("TF6", unsupported, page(1, 6, [0x10, 4, 0xefbe_adde]));
     // Function 0 on NV01 (handle 2): the fallback mask is 0.
-    expect(
-        "TNV1",
-        "Buffer [0x04] | 0000: 00 00 00 00 // ....",
-        page(2, 0, [0, 0, 0]),
-    );
+    expect("TNV1", "Buffer [0x04] | 0000: 00 00 00 00 // ....", page(2, 0, [0, 0, 0]));
     // The root UUID on a DIMM: refused before the page is touched.
     let untouched = vec![hex(0xee); 6];
     expect("TBAD", unsupported, untouched);
-    expect(
-        "TROT",
-        "Buffer [0x04] | 0000: 00 00 00 00 // ....",
-        page(0, 0, [0, 0, 0]),
-    );
+    expect("TROT", "Buffer [0x04] | 0000: 00 00 00 00 // ....", page(0, 0, [0, 0, 0]));
     // _LSI/_LSR/_LSW forward to functions 4, 5, 6 with {offset, length[, data]}.
     let lsi = "Package (Contains 0x03 Elements): | (00) 0x0000000000000001 | (01) 0x0000000000000000 | (02) 0x0000000000000000";
     // Function 4 takes no input: _LSI leaves Arg3 (the page's FARG) alone.
@@ -333,26 +281,16 @@ fn acpiexec_runs_the_nvdimm_methods_and_the_page_holds_the_request() {
         of("TLSR")[0],
         "Package (Contains 0x02 Elements): | (00) 0x0000000000000001 | (01) Buffer [0x00]"
     );
-    assert_eq!(
-        &of("TLSR")[1..],
-        page(1, 5, [0x40, 0x80, 0]).as_slice(),
-        "{text}"
-    );
+    assert_eq!(&of("TLSR")[1..], page(1, 5, [0x40, 0x80, 0]).as_slice(), "{text}");
     expect("TLSW", &hex(1), page(1, 6, [0x44, 2, 0xcdab]));
     // _FIT asks for the FIT at offset 0 with the reserved handle, and
     // ends with an empty buffer when the read fails.
     assert_eq!(of("TFIT")[0], "Buffer [0x00]");
-    assert_eq!(
-        &of("TFIT")[1..],
-        page(0x10000, 1, [0, 0, 0]).as_slice(),
-        "{text}"
-    );
+    assert_eq!(&of("TFIT")[1..], page(0x10000, 1, [0, 0, 0]).as_slice(), "{text}");
     // Reply path: a length of 16 yields the 12 bytes after it.
     assert_eq!(
         of("TRPL"),
-        &vec![
-            "Buffer [0x0C] | 0000: 01 00 00 00 05 00 00 00 11 22 33 44 // .........\"3D".to_owned()
-        ],
+        &vec!["Buffer [0x0C] | 0000: 01 00 00 00 05 00 00 00 11 22 33 44 // .........\"3D".to_owned()],
         "{text}"
     );
 }

@@ -9,11 +9,11 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let mut m = MemoryHotplug::new(u32::from(data.first().copied().unwrap_or(8)));
-    let devs: Vec<MemoryDevice> = (0..4u64)
-        .map(|i| MemoryDevice { id: format!("d{i}"), base: (4 + i) << 30, size: 2 << 20 })
-        .collect();
+    let devs: Vec<MemoryDevice> =
+        (0..4u64).map(|i| MemoryDevice { id: format!("d{i}"), base: (4 + i) << 30, size: 2 << 20 }).collect();
     for rec in data.chunks(4) {
-        let [op, off, w, v] = [rec[0], *rec.get(1).unwrap_or(&0), *rec.get(2).unwrap_or(&0), *rec.get(3).unwrap_or(&0)];
+        let [op, off, w, v] =
+            [rec[0], *rec.get(1).unwrap_or(&0), *rec.get(2).unwrap_or(&0), *rec.get(3).unwrap_or(&0)];
         let width = [1usize, 2, 4][usize::from(w) % 3];
         match op % 4 {
             0 => {

@@ -20,7 +20,8 @@ const CONFIG: &str = r#"{"mmio-base": 3489660928}"#;
 
 fn main() {
     let lib = PathBuf::from(env!("CARGO_BIN_EXE_dmhost")).parent().unwrap().join("libtestdev.so");
-    let plugin = load_library(&lib).unwrap_or_else(|e| panic!("{e}: cargo build --release --workspace first"));
+    let plugin =
+        load_library(&lib).unwrap_or_else(|e| panic!("{e}: cargo build --release --workspace first"));
     let host = SuiteHost::new();
     let mut abi = plugin.create("testdev", "bench-abi", CONFIG, host.host()).unwrap();
     let mut direct: Box<dyn DeviceModel> =

@@ -236,7 +236,9 @@ fn main() {
     let d = dir.path();
     let with_qemu = qemu_available();
     if !with_qemu {
-        println!("note: qemu-system-x86_64 not found; QEMU columns skipped (apt-get install qemu-system-x86)");
+        println!(
+            "note: qemu-system-x86_64 not found; QEMU columns skipped (apt-get install qemu-system-x86)"
+        );
     }
     let lifted = json!({"max-bandwidth": 0, "downtime-limit": 20});
 
@@ -261,7 +263,13 @@ fn main() {
     }
 
     println!("(b) 1 GiB guest full of non-zero data");
-    let b = dmhost_case(d, "fill", "ram = \"1G\"\nprogram = \"builtin:fill-idle\"\n", "fill-idle: filled", lifted.clone());
+    let b = dmhost_case(
+        d,
+        "fill",
+        "ram = \"1G\"\nprogram = \"builtin:fill-idle\"\n",
+        "fill-idle: filled",
+        lifted.clone(),
+    );
     row("dmhost", &b);
     if with_qemu {
         let file = d.join("filled.img");
@@ -271,7 +279,14 @@ fn main() {
             d,
             "fill",
             &["-m", "1G", "-object", &src, "-machine", "pc,memory-backend=m0"],
-            &["-m", "1G", "-object", "memory-backend-memfd,id=m0,size=1G", "-machine", "pc,memory-backend=m0"],
+            &[
+                "-m",
+                "1G",
+                "-object",
+                "memory-backend-memfd,id=m0,size=1G",
+                "-machine",
+                "pc,memory-backend=m0",
+            ],
         );
         row("QEMU", &q);
         println!(

@@ -46,14 +46,16 @@ fn plugin_lib() -> std::path::PathBuf {
 
 /// One run: returns exits per second.
 fn run(path: Path, n: u64, registry: &PluginRegistry) -> f64 {
-    let vm = Vm::new(VmConfig { ram_size: 8 << 20, vcpus: 1, serial: std::sync::Arc::new(|_: &[u8]| {}) }).unwrap();
+    let vm = Vm::new(VmConfig { ram_size: 8 << 20, vcpus: 1, serial: std::sync::Arc::new(|_: &[u8]| {}) })
+        .unwrap();
     let config = format!(r#"{{"mmio-base":{MMIO}}}"#);
     match path {
         Path::Plugin => {
             vm.add_device("testdev", "t", |h| {
-                registry.create("testdev", "t", &config, h).map(DeviceImpl::Plugin).map_err(|e| {
-                    dmhost_plugin_api::PluginError::unsupported(e)
-                })
+                registry
+                    .create("testdev", "t", &config, h)
+                    .map(DeviceImpl::Plugin)
+                    .map_err(dmhost_plugin_api::PluginError::unsupported)
             })
             .unwrap();
         }

@@ -53,7 +53,8 @@ fn run(ram: u64, postcopy: bool) -> Outcome {
     std::thread::sleep(Duration::from_millis(300));
 
     let dst = Arc::new(vm(ram));
-    let listener = migration::listen(&"tcp:127.0.0.1:0".parse::<MigrationUri>().expect("uri")).expect("listen");
+    let listener =
+        migration::listen(&"tcp:127.0.0.1:0".parse::<MigrationUri>().expect("uri")).expect("listen");
     let uri = listener.uri();
     let dst_progress = Arc::new(Progress::default());
     let (tx, rx) = mpsc::channel();
@@ -87,7 +88,10 @@ fn run(ram: u64, postcopy: bool) -> Outcome {
     assert!(started, "the destination did not start");
     // Post-copy: the destination completes when every page is in place.
     let deadline = Instant::now() + Duration::from_secs(120);
-    while postcopy && dst_progress.status() != migration::progress::Status::Completed && Instant::now() < deadline {
+    while postcopy
+        && dst_progress.status() != migration::progress::Status::Completed
+        && Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(1));
     }
     let pc = postcopy.then(|| dst_progress.to_json()["postcopy"].clone());
@@ -98,7 +102,13 @@ fn run(ram: u64, postcopy: bool) -> Outcome {
     dst.wait();
     src.stop(VmExit::Requested);
     src.wait();
-    Outcome { total: summary.total_time, downtime: summary.downtime, rounds: summary.rounds, postcopy: pc, verified }
+    Outcome {
+        total: summary.total_time,
+        downtime: summary.downtime,
+        rounds: summary.rounds,
+        postcopy: pc,
+        verified,
+    }
 }
 
 fn main() {
@@ -136,7 +146,10 @@ fn main() {
             "post-copy fault latency (fault read -> UFFDIO_COPY done), {} faults, {} samples: median {} us, p99 {} us (goals: < 100 us, < 1000 us)",
             pc["faults"], pc["fault-latency-samples"], pc["fault-latency-p50-us"], pc["fault-latency-p99-us"]
         );
-        println!("post-copy requested pages {}, zero-filled holes {}", pc["postcopy-requests"], pc["zero-fills"]);
+        println!(
+            "post-copy requested pages {}, zero-filled holes {}",
+            pc["postcopy-requests"], pc["zero-fills"]
+        );
     }
     println!(
         "ratio: post-copy total / pre-copy total = {:.2}, downtime ratio = {:.3}",

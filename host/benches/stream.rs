@@ -4,10 +4,7 @@
 //! amount of RAM moved (default 1024).
 
 fn main() {
-    let mib: u64 = std::env::var("DMHOST_BENCH_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024);
+    let mib: u64 = std::env::var("DMHOST_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
     let block = (256u64 << 20).min(mib << 20) as usize;
     match dmhost::migration::bench::run(mib << 20, block) {
         Ok(report) => println!("{report}"),

@@ -116,10 +116,16 @@ fn migrate_once(dir: &Path, precopy: bool, n: usize) -> Outcome {
             _ => std::thread::sleep(Duration::from_millis(5)),
         }
     };
-    let stop_copy: u64 = wait_for(&src_err, "stop-copy sent ").split_whitespace().next().unwrap().parse().unwrap();
+    let stop_copy: u64 =
+        wait_for(&src_err, "stop-copy sent ").split_whitespace().next().unwrap().parse().unwrap();
     let done = wait_for(&src_err, "migration: completed, ");
-    let downtime: f64 = done.split("downtime ").nth(1).and_then(|d| d.split_whitespace().next()).unwrap().parse().unwrap();
-    Outcome { downtime_ms: downtime, stop_copy_bytes: stop_copy, total_ms: q["total-time"].as_u64().unwrap_or(0) }
+    let downtime: f64 =
+        done.split("downtime ").nth(1).and_then(|d| d.split_whitespace().next()).unwrap().parse().unwrap();
+    Outcome {
+        downtime_ms: downtime,
+        stop_copy_bytes: stop_copy,
+        total_ms: q["total-time"].as_u64().unwrap_or(0),
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

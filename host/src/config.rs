@@ -139,8 +139,10 @@ impl VmFileConfig {
     /// Parse config text; `name` names it in errors.
     pub fn parse(text: &str, name: &str, base_dir: &Path) -> Result<Self, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid { path: name.to_owned(), message };
-        let raw: Raw = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: name.to_owned(), message: e.to_string().trim().replace('\n', " ") })?;
+        let raw: Raw = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: name.to_owned(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
         let ram_size = match raw.ram {
             None => DEFAULT_RAM,
             Some(SizeValue::Bytes(n)) => n,
@@ -156,8 +158,9 @@ impl VmFileConfig {
             }
             let config = match d.config {
                 None => "{}".to_owned(),
-                Some(v @ toml::Value::Table(_)) => serde_json::to_string(&v)
-                    .map_err(|e| invalid(format!("device {}: config: {e}", d.id)))?,
+                Some(v @ toml::Value::Table(_)) => {
+                    serde_json::to_string(&v).map_err(|e| invalid(format!("device {}: config: {e}", d.id)))?
+                }
                 Some(_) => return Err(invalid(format!("device {}: config must be a table", d.id))),
             };
             let isolation = match d.isolation.as_deref() {
@@ -166,7 +169,9 @@ impl VmFileConfig {
             };
             let pci_slot = match d.addr.as_deref() {
                 None => None,
-                Some(a) => Some(crate::pci::parse_addr(a).map_err(|e| invalid(format!("device {}: addr: {e}", d.id)))?),
+                Some(a) => Some(
+                    crate::pci::parse_addr(a).map_err(|e| invalid(format!("device {}: addr: {e}", d.id)))?,
+                ),
             };
             devices.push(DeviceConfig { kind: d.kind, id: d.id, config, isolation, pci_slot });
         }
@@ -178,7 +183,8 @@ impl VmFileConfig {
             acpi.memory_slots = n;
         }
         acpi.nfit_platform_capabilities = raw.nfit_platform_capabilities.unwrap_or(0);
-        let plugin_dirs = raw.plugin_dirs.into_iter().map(|p| if p.is_relative() { base_dir.join(p) } else { p }).collect();
+        let plugin_dirs =
+            raw.plugin_dirs.into_iter().map(|p| if p.is_relative() { base_dir.join(p) } else { p }).collect();
         Ok(Self {
             ram_size,
             vcpus,

@@ -77,7 +77,11 @@ impl CommandRegistry {
     }
 
     /// Add (or replace) command `name`.
-    pub fn register(&self, name: &str, handler: impl Fn(&Args) -> Result<Value, CommandError> + Send + Sync + 'static) {
+    pub fn register(
+        &self,
+        name: &str,
+        handler: impl Fn(&Args) -> Result<Value, CommandError> + Send + Sync + 'static,
+    ) {
         self.handlers
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -118,8 +122,11 @@ impl CommandRegistry {
         };
         let handler = self.handlers.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned();
         let Some(handler) = handler else {
-            return CommandError { class: "CommandNotFound", desc: format!("the command {name} has not been found") }
-                .to_json();
+            return CommandError {
+                class: "CommandNotFound",
+                desc: format!("the command {name} has not been found"),
+            }
+            .to_json();
         };
         // A handler bug must not take the VM down.
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(args))) {
@@ -160,7 +167,9 @@ pub fn register_vm_commands(registry: &CommandRegistry, vm: Arc<Vm>, factory: Ar
         let id = str_arg(args, "id")?.to_owned();
         let isolation = match args.get("isolation") {
             None => crate::config::Isolation::None,
-            Some(_) => crate::config::Isolation::parse(str_arg(args, "isolation")?).map_err(CommandError::generic)?,
+            Some(_) => {
+                crate::config::Isolation::parse(str_arg(args, "isolation")?).map_err(CommandError::generic)?
+            }
         };
         let config: Map<String, Value> = args
             .iter()
@@ -179,7 +188,8 @@ pub fn register_vm_commands(registry: &CommandRegistry, vm: Arc<Vm>, factory: Ar
         Ok(json!({}))
     });
     let v = Arc::clone(&vm);
-    registry.register("query-devices", move |_| serde_json::to_value(v.devices()).map_err(CommandError::generic));
+    registry
+        .register("query-devices", move |_| serde_json::to_value(v.devices()).map_err(CommandError::generic));
     let v = Arc::clone(&vm);
     registry.register("query-status", move |_| {
         let status = match v.control().exit() {
@@ -214,7 +224,8 @@ impl ControlServer {
             }
             let _ = std::fs::remove_file(path);
         }
-        let listener = UnixListener::bind(path).map_err(|source| ControlError::Bind { path: name.clone(), source })?;
+        let listener =
+            UnixListener::bind(path).map_err(|source| ControlError::Bind { path: name.clone(), source })?;
         listener.set_nonblocking(true).map_err(|source| ControlError::Bind { path: name, source })?;
         let stop = Arc::new(AtomicBool::new(false));
         let st = Arc::clone(&stop);
@@ -254,7 +265,9 @@ fn accept_loop(listener: UnixListener, registry: Arc<CommandRegistry>, stop: Arc
                     log::warn!("control: cannot serve a connection: {e}");
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
             Err(e) => {
                 log::warn!("control: accept failed: {e}");
                 std::thread::sleep(Duration::from_millis(100));
@@ -300,12 +313,14 @@ impl DeviceFactory for crate::loader::PluginRegistry {
         host: dmhost_plugin_api::Host,
     ) -> Result<DeviceImpl, dmhost_plugin_api::PluginError> {
         use crate::loader::CreateError;
-        crate::loader::PluginRegistry::create(self, kind, id, config, host).map(DeviceImpl::Plugin).map_err(|e| match e {
-            CreateError::UnknownKind(_) | CreateError::UnknownVfioDriver(_) => {
-                dmhost_plugin_api::PluginError::unsupported(e)
-            }
-            CreateError::Plugin { source, .. } | CreateError::VfioDriver { source, .. } => source,
-        })
+        crate::loader::PluginRegistry::create(self, kind, id, config, host).map(DeviceImpl::Plugin).map_err(
+            |e| match e {
+                CreateError::UnknownKind(_) | CreateError::UnknownVfioDriver(_) => {
+                    dmhost_plugin_api::PluginError::unsupported(e)
+                }
+                CreateError::Plugin { source, .. } | CreateError::VfioDriver { source, .. } => source,
+            },
+        )
     }
     fn library_path(&self, kind: &str) -> Option<std::path::PathBuf> {
         self.plugin_for(kind).map(|p| p.path.clone())
@@ -321,7 +336,10 @@ mod tests {
         let r = CommandRegistry::new();
         r.register("echo", |a| Ok(Value::Object(a.clone())));
         r.register("boom", |_| panic!("handler bug"));
-        assert_eq!(r.dispatch_line(r#"{"execute":"echo","arguments":{"a":1},"id":7}"#), json!({"return":{"a":1},"id":7}));
+        assert_eq!(
+            r.dispatch_line(r#"{"execute":"echo","arguments":{"a":1},"id":7}"#),
+            json!({"return":{"a":1},"id":7})
+        );
         for (bad, class) in [
             ("nonsense", "GenericError"),
             ("[]", "GenericError"),

@@ -62,7 +62,9 @@ impl DeviceImpl {
         match self {
             DeviceImpl::Plugin(d) => d.intx_set(devfn, pin, level).into_result(),
             DeviceImpl::Builtin(d) => d.intx_set(devfn, pin, level),
-            DeviceImpl::Remote(_) => Err(PluginError::unsupported("an INTx router must run in the host process")),
+            DeviceImpl::Remote(_) => {
+                Err(PluginError::unsupported("an INTx router must run in the host process"))
+            }
         }
     }
 
@@ -71,14 +73,20 @@ impl DeviceImpl {
         match self {
             DeviceImpl::Plugin(d) => d.intx_route(devfn, pin).into_result(),
             DeviceImpl::Builtin(d) => d.intx_route(devfn, pin),
-            DeviceImpl::Remote(_) => Err(PluginError::unsupported("an INTx router must run in the host process")),
+            DeviceImpl::Remote(_) => {
+                Err(PluginError::unsupported("an INTx router must run in the host process"))
+            }
         }
     }
 
     fn read(&mut self, space: IoSpace, addr: u64, data: &mut [u8]) -> Result<(), PluginError> {
         match (self, space) {
-            (DeviceImpl::Plugin(d), IoSpace::Mmio) => d.mmio_read(addr, RSliceMut::from_mut_slice(data)).into_result(),
-            (DeviceImpl::Plugin(d), IoSpace::Pio) => d.pio_read(addr, RSliceMut::from_mut_slice(data)).into_result(),
+            (DeviceImpl::Plugin(d), IoSpace::Mmio) => {
+                d.mmio_read(addr, RSliceMut::from_mut_slice(data)).into_result()
+            }
+            (DeviceImpl::Plugin(d), IoSpace::Pio) => {
+                d.pio_read(addr, RSliceMut::from_mut_slice(data)).into_result()
+            }
             (DeviceImpl::Builtin(d), IoSpace::Mmio) => d.mmio_read(addr, data),
             (DeviceImpl::Builtin(d), IoSpace::Pio) => d.pio_read(addr, data),
             (DeviceImpl::Remote(d), space) => d.read(space, addr, data),
@@ -87,8 +95,12 @@ impl DeviceImpl {
 
     fn write(&mut self, space: IoSpace, addr: u64, data: &[u8]) -> Result<(), PluginError> {
         match (self, space) {
-            (DeviceImpl::Plugin(d), IoSpace::Mmio) => d.mmio_write(addr, RSlice::from_slice(data)).into_result(),
-            (DeviceImpl::Plugin(d), IoSpace::Pio) => d.pio_write(addr, RSlice::from_slice(data)).into_result(),
+            (DeviceImpl::Plugin(d), IoSpace::Mmio) => {
+                d.mmio_write(addr, RSlice::from_slice(data)).into_result()
+            }
+            (DeviceImpl::Plugin(d), IoSpace::Pio) => {
+                d.pio_write(addr, RSlice::from_slice(data)).into_result()
+            }
             (DeviceImpl::Builtin(d), IoSpace::Mmio) => d.mmio_write(addr, data),
             (DeviceImpl::Builtin(d), IoSpace::Pio) => d.pio_write(addr, data),
             (DeviceImpl::Remote(d), space) => d.write(space, addr, data),

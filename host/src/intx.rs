@@ -64,7 +64,8 @@ impl IntxRouting {
             }
             let mine: Vec<u32> = st.devfns.iter().filter(|(_, o)| *o == id).map(|(d, _)| *d).collect();
             st.devfns.retain(|_, owner| owner != id);
-            let dropped: Vec<(u32, u32)> = st.high.iter().filter(|(d, _)| mine.contains(d)).copied().collect();
+            let dropped: Vec<(u32, u32)> =
+                st.high.iter().filter(|(d, _)| mine.contains(d)).copied().collect();
             for p in &dropped {
                 st.high.remove(p);
             }

@@ -11,8 +11,8 @@ use std::{
 
 use abi_stable::library::{lib_header_from_path, LibraryError};
 use dmhost_plugin_api::{
-    DeviceBox, DeviceKind, Host, LogLevel, LogSink, LogSink_TO, PluginError, PluginModule_Ref,
-    RStr, VfioDriverBox, VfioDriverInfo,
+    DeviceBox, DeviceKind, Host, LogLevel, LogSink, LogSink_TO, PluginError, PluginModule_Ref, RStr,
+    VfioDriverBox, VfioDriverInfo,
 };
 
 use crate::elf::{check_shared_object, ElfError};
@@ -97,11 +97,14 @@ impl LoadedPlugin {
 
     /// Open this plugin's VFIO driver `name` (exact name) for a device
     /// whose services are `host`.
-    pub fn open_vfio_driver(&self, name: &str, config: &str, host: Host) -> Result<VfioDriverBox, CreateError> {
-        let open = self
-            .module
-            .open_vfio_driver()
-            .ok_or_else(|| CreateError::UnknownVfioDriver(name.into()))?;
+    pub fn open_vfio_driver(
+        &self,
+        name: &str,
+        config: &str,
+        host: Host,
+    ) -> Result<VfioDriverBox, CreateError> {
+        let open =
+            self.module.open_vfio_driver().ok_or_else(|| CreateError::UnknownVfioDriver(name.into()))?;
         open(RStr::from(name), RStr::from(config), host).into_result().map_err(|source| {
             CreateError::VfioDriver { plugin: self.name.clone(), driver: name.into(), source }
         })
@@ -138,16 +141,17 @@ pub fn load_library(path: &Path) -> Result<LoadedPlugin, LoadError> {
             reason: "plugin has no name or provides neither device kinds nor VFIO drivers".into(),
         });
     }
-    (module.init_logging())(LogSink_TO::from_value(HostLogSink, abi_stable::sabi_trait::TD_Opaque), max_level());
+    (module.init_logging())(
+        LogSink_TO::from_value(HostLogSink, abi_stable::sabi_trait::TD_Opaque),
+        max_level(),
+    );
     Ok(LoadedPlugin { path: p(), name, version, kinds, vfio_drivers, module, load_time: start.elapsed() })
 }
 
 fn classify(path: &Path, e: LibraryError) -> LoadError {
     let path = path.to_path_buf();
     match e {
-        LibraryError::OpenError { err, .. } => {
-            LoadError::NotALibrary { path, reason: err.to_string() }
-        }
+        LibraryError::OpenError { err, .. } => LoadError::NotALibrary { path, reason: err.to_string() },
         LibraryError::GetSymbolError { .. } => LoadError::NotAPlugin {
             path,
             reason: "it exports no abi_stable root module (was it built with export_plugin!?)".into(),
@@ -160,9 +164,7 @@ fn classify(path: &Path, e: LibraryError) -> LoadError {
                 ),
             }
         }
-        LibraryError::ParseVersionError(e) => {
-            LoadError::IncompatibleVersion { path, reason: e.to_string() }
-        }
+        LibraryError::ParseVersionError(e) => LoadError::IncompatibleVersion { path, reason: e.to_string() },
         LibraryError::AbiInstability(e) => {
             let report = e.to_string();
             log::debug!("{}: full abi_stable layout report:\n{report}", path.display());
@@ -362,7 +364,12 @@ impl PluginRegistry {
     /// or "vvvv:dddd" PCI IDs in hex) with `config`, for the device whose
     /// services are `host`. This is what `HostServices::open_vfio_driver`
     /// calls.
-    pub fn open_vfio_driver(&self, matching: &str, config: &str, host: Host) -> Result<VfioDriverBox, CreateError> {
+    pub fn open_vfio_driver(
+        &self,
+        matching: &str,
+        config: &str,
+        host: Host,
+    ) -> Result<VfioDriverBox, CreateError> {
         let (plugin, info) = self
             .vfio_drivers()
             .find(|(_, d)| d.matches(matching))

@@ -2,12 +2,7 @@
 //! (found by the plugin loader), load the guest program, print the guest's
 //! serial output and exit with the guest's exit code.
 
-use std::{
-    path::PathBuf,
-    process::ExitCode,
-    sync::Arc,
-    time::Duration,
-};
+use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
 use clap::Args;
 
@@ -128,18 +123,29 @@ fn run_vm(args: &RunArgs, extra_dirs: &[PathBuf]) -> Result<ExitCode, RunError> 
     }
     let registry: Arc<PluginRegistry> = Arc::new(registry);
 
-    let vm = Arc::new(Vm::new(VmConfig { ram_size: config.ram_size, vcpus: config.vcpus, serial: stdout_serial() })?);
+    let vm = Arc::new(Vm::new(VmConfig {
+        ram_size: config.ram_size,
+        vcpus: config.vcpus,
+        serial: stdout_serial(),
+    })?);
     vm.set_vfio_drivers(Arc::clone(&registry) as _);
     for d in &config.devices {
         if let Some(slot) = d.pci_slot {
-            vm.shared().pci.reserve(&d.id, slot).map_err(|e| RunError::Vm(format!("device {}: {e}", d.id)))?;
+            vm.shared()
+                .pci
+                .reserve(&d.id, slot)
+                .map_err(|e| RunError::Vm(format!("device {}: {e}", d.id)))?;
         }
         crate::remote::add_device(&vm, &*registry, &d.kind, &d.id, &d.config, d.isolation)?;
     }
     // ACPI tables for the boot devices; rebuilt on every hot-plug.
     let _acpi = crate::acpi_host::AcpiHost::install(&vm, config.vcpus, config.acpi.clone())?;
     let commands = Arc::new(CommandRegistry::new());
-    register_vm_commands(&commands, Arc::clone(&vm), Arc::clone(&registry) as Arc<dyn crate::devices::DeviceFactory>);
+    register_vm_commands(
+        &commands,
+        Arc::clone(&vm),
+        Arc::clone(&registry) as Arc<dyn crate::devices::DeviceFactory>,
+    );
     let migration = crate::migration::commands::register(&commands, Arc::clone(&vm));
     crate::migration::debug_commands::register(&commands, Arc::clone(&vm));
     crate::pci::irq::register_commands(&commands, Arc::clone(&vm));

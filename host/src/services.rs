@@ -9,8 +9,8 @@ use std::{
 
 use dmhost_plugin_api::{
     abi_stable::{sabi_trait::TD_Opaque, std_types::RArc},
-    ErrorKind, Host, HostServices, HostServices_TO, IoSpace, MemoryRegion, PluginError, RResult,
-    RSlice, RSliceMut, RStr, VfioDriverBox,
+    ErrorKind, Host, HostServices, HostServices_TO, IoSpace, MemoryRegion, PluginError, RResult, RSlice,
+    RSliceMut, RStr, VfioDriverBox,
 };
 
 use crate::{
@@ -103,7 +103,9 @@ impl DeviceServices {
     fn do_open_vfio_driver(&self, matching: &str, config: &str) -> Result<VfioDriverBox, PluginError> {
         let vm = self.vm()?;
         let source = vm.vfio_drivers.get().ok_or_else(|| {
-            PluginError::unsupported(format!("no vendor VFIO drivers are available to this VM (asked for {matching:?})"))
+            PluginError::unsupported(format!(
+                "no vendor VFIO drivers are available to this VM (asked for {matching:?})"
+            ))
         })?;
         source.open_vfio_driver(matching, config, self.host())
     }
@@ -127,19 +129,23 @@ impl DeviceServices {
     fn do_register_io(&self, space: IoSpace, base: u64, size: u64) -> Result<(), PluginError> {
         let id = &self.0.id;
         let vm = self.vm()?;
-        let device = self
-            .0
-            .device
-            .get()
-            .and_then(|w| w.upgrade())
-            .ok_or_else(|| PluginError::state("register I/O ranges in plug(), not while being created"))?;
+        let device =
+            self.0.device.get().and_then(|w| w.upgrade()).ok_or_else(|| {
+                PluginError::state("register I/O ranges in plug(), not while being created")
+            })?;
         let end = base.checked_add(size).filter(|_| size > 0).ok_or_else(|| {
-            PluginError::new(ErrorKind::InvalidState, format!("{space:?} range {base:#x}+{size:#x} is empty or wraps"))
+            PluginError::new(
+                ErrorKind::InvalidState,
+                format!("{space:?} range {base:#x}+{size:#x} is empty or wraps"),
+            )
         })?;
         match space {
             IoSpace::Pio => {
                 if end > 0x1_0000 {
-                    return Err(PluginError::new(ErrorKind::InvalidState, format!("port range {base:#x}+{size:#x} is past 0xffff")));
+                    return Err(PluginError::new(
+                        ErrorKind::InvalidState,
+                        format!("port range {base:#x}+{size:#x} is past 0xffff"),
+                    ));
                 }
                 if let Some((b, s)) = RESERVED_PORTS.iter().find(|(b, s)| base < b + s && end > *b) {
                     return Err(denied(id, "register_io", format!("ports {b:#x}+{s} are the host's")));
@@ -203,7 +209,11 @@ impl DeviceServices {
         let vm = self.vm()?;
         let mut fds = self.0.irqfds.lock().unwrap_or_else(|p| p.into_inner());
         let Some(pos) = fds.iter().position(|&x| x == (gsi, fd)) else {
-            return Err(denied(&self.0.id, "unregister_irqfd", format!("gsi {gsi} fd {fd} is not this device's")));
+            return Err(denied(
+                &self.0.id,
+                "unregister_irqfd",
+                format!("gsi {gsi} fd {fd} is not this device's"),
+            ));
         };
         fds.remove(pos);
         vm.kvm.unregister_irqfd(gsi, fd).map_err(|e| PluginError::io(format!("unregister_irqfd: {e}")))
@@ -231,7 +241,12 @@ impl DeviceServices {
 
     fn do_mark_dirty(&self, name: &str, offset: u64, len: u64) -> Result<(), PluginError> {
         let vm = self.vm()?;
-        let r = vm.ram_blocks.lock().unwrap_or_else(|p| p.into_inner()).mark_dirty(name, &self.0.owner, offset, len);
+        let r = vm.ram_blocks.lock().unwrap_or_else(|p| p.into_inner()).mark_dirty(
+            name,
+            &self.0.owner,
+            offset,
+            len,
+        );
         r.map_err(|e| ram_error(&self.0.id, "mark_dirty", e))
     }
 
@@ -265,7 +280,9 @@ impl HostServices for DeviceServices {
     }
     fn set_irq_line(&self, gsi: u32, level: bool) -> RResult<(), PluginError> {
         self.vm()
-            .and_then(|vm| vm.kvm.set_irq_line(gsi, level).map_err(|e| PluginError::io(format!("set_irq_line: {e}"))))
+            .and_then(|vm| {
+                vm.kvm.set_irq_line(gsi, level).map_err(|e| PluginError::io(format!("set_irq_line: {e}")))
+            })
             .into()
     }
     fn register_irqfd(&self, gsi: u32, fd: i32, resample_fd: i32) -> RResult<(), PluginError> {

@@ -109,14 +109,22 @@ impl Userfault {
         // SAFETY: UFFDIO_API reads and writes exactly a `uffdio_api`.
         if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) } < 0 {
             let e = io::Error::last_os_error();
-            return Err(if e.raw_os_error() == Some(libc::EINVAL) { UffdError::NoShmem } else { UffdError::Api(e) });
+            return Err(if e.raw_os_error() == Some(libc::EINVAL) {
+                UffdError::NoShmem
+            } else {
+                UffdError::Api(e)
+            });
         }
         Ok(Self { fd })
     }
 
     /// Register `[start, start+len)` (page aligned) for missing-page faults.
     pub fn register(&self, start: u64, len: u64) -> Result<(), UffdError> {
-        let mut reg = UffdioRegister { range: UffdioRange { start, len }, mode: UFFDIO_REGISTER_MODE_MISSING, ioctls: 0 };
+        let mut reg = UffdioRegister {
+            range: UffdioRange { start, len },
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
         // SAFETY: UFFDIO_REGISTER reads and writes exactly a `uffdio_register`.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } < 0 {
             return Err(UffdError::Register { start, len, source: io::Error::last_os_error() });
@@ -136,7 +144,8 @@ impl Userfault {
 
     /// Atomically place `page` at `dst` and wake whoever waits on it.
     pub fn copy(&self, dst: u64, page: &[u8]) -> Result<Placed, UffdError> {
-        let mut copy = UffdioCopy { dst, src: page.as_ptr() as u64, len: page.len() as u64, mode: 0, copy: 0 };
+        let mut copy =
+            UffdioCopy { dst, src: page.as_ptr() as u64, len: page.len() as u64, mode: 0, copy: 0 };
         // SAFETY: UFFDIO_COPY reads `page` (valid for its length) and writes
         // the result into `copy`; the kernel checks `dst` is registered.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut copy) } < 0 {
@@ -216,7 +225,11 @@ fn open_uffd() -> io::Result<OwnedFd> {
         return Ok(unsafe { OwnedFd::from_raw_fd(raw) });
     }
     let syscall_err = io::Error::last_os_error();
-    let dev = std::fs::OpenOptions::new().read(true).write(true).open("/dev/userfaultfd").map_err(|_| syscall_err)?;
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")
+        .map_err(|_| syscall_err)?;
     // SAFETY: USERFAULTFD_IOC_NEW takes the flags by value and returns a new fd.
     let raw = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, flags) };
     if raw < 0 {
@@ -243,7 +256,14 @@ mod tests {
         assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), (pages * PAGE) as i64) }, 0);
         // SAFETY: a fresh shared mapping of the memfd.
         let p = unsafe {
-            libc::mmap(std::ptr::null_mut(), pages * PAGE, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd.as_raw_fd(), 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                pages * PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
         };
         assert_ne!(p, libc::MAP_FAILED);
         (fd, p.cast())

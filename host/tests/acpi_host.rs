@@ -36,7 +36,12 @@ fn workspace() -> PathBuf {
 }
 
 fn text(out: &Output) -> String {
-    format!("status {:?}\nstdout:\n{}\nstderr:\n{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 fn ensure_acpica() {
@@ -54,8 +59,15 @@ fn ensure_acpica() {
 }
 
 fn run_in(dir: &Path, cmd: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(cmd).args(args).current_dir(dir).output().unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    let out = Command::new(cmd)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    (
+        out.status.success(),
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+    )
 }
 
 /// `dmhost acpi dump examples/nvdimm.toml DIR`.
@@ -63,7 +75,12 @@ fn dump_example() -> tempfile::TempDir {
     common::plugin_path("nvdimm");
     common::plugin_path("pc_dimm");
     let dir = tempfile::tempdir().unwrap();
-    let out = dmhost().args(["acpi", "dump"]).arg(workspace().join("examples/nvdimm.toml")).arg(dir.path()).output().unwrap();
+    let out = dmhost()
+        .args(["acpi", "dump"])
+        .arg(workspace().join("examples/nvdimm.toml"))
+        .arg(dir.path())
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     dir
 }
@@ -77,7 +94,10 @@ fn acpi_dump_of_the_example_disassembles_and_recompiles() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert_eq!(names, ["APIC.dat", "DSDT.dat", "FACP.dat", "NFIT.dat", "RSDP.dat", "SSDT1.dat", "SSDT2.dat", "XSDT.dat"]);
+    assert_eq!(
+        names,
+        ["APIC.dat", "DSDT.dat", "FACP.dat", "NFIT.dat", "RSDP.dat", "SSDT1.dat", "SSDT2.dat", "XSDT.dat"]
+    );
     // The RSDP (not an SDT: iasl cannot read it): signature, both checksums, XSDT pointer.
     let rsdp = std::fs::read(dir.path().join("RSDP.dat")).unwrap();
     let sum = |b: &[u8]| b.iter().fold(0u8, |a, x| a.wrapping_add(*x));
@@ -109,8 +129,17 @@ fn acpi_dump_of_the_example_disassembles_and_recompiles() {
         assert!(dsdt.contains(want), "DSDT lacks {want:?}:\n{dsdt}");
     }
     assert!(!dsdt.contains("Device (M008)"), "memory-slots = 8");
-    let nfit: String = std::fs::read_to_string(dir.path().join("NFIT.dsl")).unwrap().split_whitespace().collect::<Vec<_>>().join(" ");
-    for want in ["Device Handle : 00000001", "Device Handle : 00000002", "Address Range Base : 0000000100000000", "[Platform Capabilities]"] {
+    let nfit: String = std::fs::read_to_string(dir.path().join("NFIT.dsl"))
+        .unwrap()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    for want in [
+        "Device Handle : 00000001",
+        "Device Handle : 00000002",
+        "Address Range Base : 0000000100000000",
+        "[Platform Capabilities]",
+    ] {
         assert!(nfit.contains(want), "NFIT lacks {want:?}:\n{nfit}");
     }
     let ssdt1 = std::fs::read_to_string(dir.path().join("SSDT1.dsl")).unwrap();
@@ -158,7 +187,14 @@ fn acpiexec_runs_the_dsm_methods_of_the_host_built_tables() {
     let (ok, out) = run_in(
         dir.path(),
         "acpiexec",
-        &["-b", "execute \\TF4; execute \\TF5; execute \\TF6; execute \\TMEM", "DSDT.dat", "SSDT1.dat", "SSDT2.dat", "TEST.aml"],
+        &[
+            "-b",
+            "execute \\TF4; execute \\TF5; execute \\TF6; execute \\TMEM",
+            "DSDT.dat",
+            "SSDT1.dat",
+            "SSDT2.dat",
+            "TEST.aml",
+        ],
     );
     assert!(ok, "acpiexec:\n{out}");
     for bad in ["AE_", "Exception", "Error"] {
@@ -199,7 +235,11 @@ fn nvdimm_acpi_guest_passes_on_kvm() {
     }
     common::plugin_path("nvdimm");
     common::plugin_path("pc_dimm");
-    let out = dmhost().args(["run", "--timeout", "60"]).arg(workspace().join("examples/nvdimm.toml")).output().unwrap();
+    let out = dmhost()
+        .args(["run", "--timeout", "60"])
+        .arg(workspace().join("examples/nvdimm.toml"))
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let want = [
@@ -250,15 +290,26 @@ fn labels_and_pmem_persist_across_two_host_processes() {
     };
     let first = run(acpi_programs::MODE_PERSIST_WRITE, seed);
     assert_eq!(first.status.code(), Some(0), "{}", text(&first));
-    assert!(String::from_utf8_lossy(&first.stdout).contains("nvdimm-acpi: label written"), "{}", text(&first));
+    assert!(
+        String::from_utf8_lossy(&first.stdout).contains("nvdimm-acpi: label written"),
+        "{}",
+        text(&first)
+    );
     // The label block is in the file itself, at the end (the label area).
     let file = std::fs::read(&image).unwrap();
     let at = file.len() - (128 << 10) + acpi_programs::LABEL_OFFSET as usize;
-    assert_eq!(u64::from_le_bytes(file[at + 8..at + 16].try_into().unwrap()), seed as u64 ^ acpi_programs::LABEL_MULT);
+    assert_eq!(
+        u64::from_le_bytes(file[at + 8..at + 16].try_into().unwrap()),
+        seed as u64 ^ acpi_programs::LABEL_MULT
+    );
 
     let second = run(acpi_programs::MODE_PERSIST_VERIFY, seed);
     assert_eq!(second.status.code(), Some(0), "{}", text(&second));
-    assert!(String::from_utf8_lossy(&second.stdout).contains("nvdimm-acpi: label verified"), "{}", text(&second));
+    assert!(
+        String::from_utf8_lossy(&second.stdout).contains("nvdimm-acpi: label verified"),
+        "{}",
+        text(&second)
+    );
     // The check can fail: another seed does not match what is stored.
     let wrong = run(acpi_programs::MODE_PERSIST_VERIFY, seed ^ 1);
     assert_eq!(wrong.status.code(), Some(30), "{}", text(&wrong));
@@ -275,7 +326,9 @@ impl Client {
         let s = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
-                Err(_) if start.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(25)),
+                Err(_) if start.elapsed() < Duration::from_secs(10) => {
+                    std::thread::sleep(Duration::from_millis(25))
+                }
                 Err(e) => panic!("connect {}: {e}", path.display()),
             }
         };
@@ -327,10 +380,16 @@ fn memory_hotplug_is_visible_through_the_acpi_registers() {
     let mut c = Client::connect(&sock);
     let r = c.cmd("device_add", json!({"driver": "pc-dimm", "id": "hot0", "size": "4M"}));
     let gpa = r["return"]["region"][0].as_u64().unwrap_or_else(|| panic!("{r}"));
-    assert_eq!(next(), format!("mhp: slot 0 status 0x0000000000000003 base 0x{gpa:016x} size 0x0000000000400000"));
+    assert_eq!(
+        next(),
+        format!("mhp: slot 0 status 0x0000000000000003 base 0x{gpa:016x} size 0x0000000000400000")
+    );
     assert_eq!(next(), "mhp: insert event cleared");
     assert_eq!(c.cmd("device_del", json!({"id": "hot0"})), json!({"return": {}}));
-    assert_eq!(next(), "mhp: slot 0 status 0x0000000000000004 base 0x0000000000000000 size 0x0000000000000000");
+    assert_eq!(
+        next(),
+        "mhp: slot 0 status 0x0000000000000004 base 0x0000000000000000 size 0x0000000000000000"
+    );
     let status = child.wait().unwrap();
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();

@@ -135,7 +135,9 @@ fn hotplug_and_unplug_through_control_socket_seen_by_guest() {
         }
     });
     let expect = |prefix: &str| {
-        let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|e| panic!("waiting for {prefix:?}: {e}"));
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("waiting for {prefix:?}: {e}"));
         assert!(line.starts_with(prefix), "expected {prefix:?}, got {line:?}");
         line
     };
@@ -143,7 +145,15 @@ fn hotplug_and_unplug_through_control_socket_seen_by_guest() {
     let mut c = Client::connect(&sock);
 
     // Invalid input: error objects, the server and the VM go on.
-    for bad in ["not json", "{}", r#"{"execute":"nope"}"#, r#"{"execute":"device_add","arguments":{"id":"x"}}"#, r#"{"execute":"device_del","arguments":{"id":"ghost"}}"#, r#"{"execute":"device_add","arguments":{"driver":"pc-dimm","id":"x","size":"3K"}}"#, r#"{"execute":"device_add","arguments":{"driver":"nosuch","id":"x"}}"#] {
+    for bad in [
+        "not json",
+        "{}",
+        r#"{"execute":"nope"}"#,
+        r#"{"execute":"device_add","arguments":{"id":"x"}}"#,
+        r#"{"execute":"device_del","arguments":{"id":"ghost"}}"#,
+        r#"{"execute":"device_add","arguments":{"driver":"pc-dimm","id":"x","size":"3K"}}"#,
+        r#"{"execute":"device_add","arguments":{"driver":"nosuch","id":"x"}}"#,
+    ] {
         let r = c.raw(bad);
         assert!(r["error"]["class"].is_string() && r["error"]["desc"].is_string(), "{bad}: {r}");
     }
@@ -200,6 +210,9 @@ fn without_kvm_run_fails_with_one_clear_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("dmhost:")).collect();
     assert_eq!(lines.len(), 1, "{err}");
-    assert!(lines[0].contains("/nonexistent/kvm is not available") && lines[0].contains("needs KVM"), "{err}");
+    assert!(
+        lines[0].contains("/nonexistent/kvm is not available") && lines[0].contains("needs KVM"),
+        "{err}"
+    );
     assert!(out.stdout.is_empty());
 }

@@ -125,8 +125,22 @@ fn shared_line(isolation: Isolation) {
     let reg = setup();
     let (vm, serial) = vm_with_serial(16 << 20);
     add_dev(&vm, &reg, "iohub", "hub", r#"{"gsi-base":16}"#, Isolation::None);
-    add_dev(&vm, &reg, "testdev", "t0", &format!(r#"{{"mmio-base":{MMIO0},"devfn":8,"intx-pin":1}}"#), isolation);
-    add_dev(&vm, &reg, "testdev", "t1", &format!(r#"{{"mmio-base":{MMIO1},"devfn":0,"intx-pin":2}}"#), Isolation::None);
+    add_dev(
+        &vm,
+        &reg,
+        "testdev",
+        "t0",
+        &format!(r#"{{"mmio-base":{MMIO0},"devfn":8,"intx-pin":1}}"#),
+        isolation,
+    );
+    add_dev(
+        &vm,
+        &reg,
+        "testdev",
+        "t1",
+        &format!(r#"{{"mmio-base":{MMIO1},"devfn":0,"intx-pin":2}}"#),
+        Isolation::None,
+    );
     level_masked_pins(&vm);
     let route = match &mut *vm.device("hub").unwrap().lock() {
         DeviceImpl::Plugin(d) => d.intx_route(8, 1).unwrap(),
@@ -138,7 +152,11 @@ fn shared_line(isolation: Isolation) {
     let line = || irr(&vm) & (1 << GSI) != 0;
     assert!(!line(), "line low before the guest runs");
     vm.start().unwrap();
-    let step = |n: u64| wait_until(&format!("guest step {n}"), Duration::from_secs(20), || vm.ram().read_u64(STEP).unwrap() == n);
+    let step = |n: u64| {
+        wait_until(&format!("guest step {n}"), Duration::from_secs(20), || {
+            vm.ram().read_u64(STEP).unwrap() == n
+        })
+    };
     let go = |n: u64| vm.write_guest(GO, &n.to_le_bytes()).unwrap();
 
     // KVM injects a resample irqfd from a work item: wait for it.
@@ -199,7 +217,9 @@ fn iohub_reroute_and_migrated_levels() {
     let DeviceImpl::Plugin(d) = &mut *guard else { unreachable!() };
     d.intx_set(8, 1, true).unwrap();
     // KVM injects a resample irqfd from a work item: wait for it.
-    let bit = |vm: &Vm, gsi: u32| wait_until(&format!("GSI {gsi} asserted"), Duration::from_secs(5), || irr(vm) & (1 << gsi) != 0);
+    let bit = |vm: &Vm, gsi: u32| {
+        wait_until(&format!("GSI {gsi} asserted"), Duration::from_secs(5), || irr(vm) & (1 << gsi) != 0)
+    };
     bit(&vm, 17);
     // The guest re-routes PIRQ B to GSI 20: the held level moves with it.
     use dmhost_plugin_api::{RSlice, RSliceMut};
@@ -240,7 +260,14 @@ fn device_process_cannot_touch_other_owners() {
     let (b_gpa, _) = dimm.region.unwrap();
     // t1 (in the host) drives devfn 8 first; t0 (its own process) claims the same devfn.
     add_dev(&vm, &reg, "testdev", "t1", &format!(r#"{{"mmio-base":{MMIO1},"devfn":8}}"#), Isolation::None);
-    add_dev(&vm, &reg, "testdev", "t0", &format!(r#"{{"mmio-base":{MMIO0},"devfn":8,"mem-size":"2M"}}"#), Isolation::Process);
+    add_dev(
+        &vm,
+        &reg,
+        "testdev",
+        "t0",
+        &format!(r#"{{"mmio-base":{MMIO0},"devfn":8,"mem-size":"2M"}}"#),
+        Isolation::Process,
+    );
     let t0 = vm.device_info("t0").unwrap();
     let (a_gpa, _) = t0.region.expect("the device process's memfd is mapped into the guest");
     vm.write_guest(b_gpa, &0xb0b0u64.to_le_bytes()).unwrap();
@@ -249,7 +276,11 @@ fn device_process_cannot_touch_other_owners() {
         a.mov(rbx, MMIO1)?;
         a.mov(qword_ptr(rbx + regs::IRQ as i32), 1)?;
         a.mov(rbx, MMIO0)?;
-        for (i, (cmd, gpa)) in [(regs::PM_CMD_REMOVE, b_gpa), (regs::PM_CMD_ADD, b_gpa), (regs::PM_CMD_REMOVE, a_gpa)].into_iter().enumerate() {
+        for (i, (cmd, gpa)) in
+            [(regs::PM_CMD_REMOVE, b_gpa), (regs::PM_CMD_ADD, b_gpa), (regs::PM_CMD_REMOVE, a_gpa)]
+                .into_iter()
+                .enumerate()
+        {
             a.mov(rax, gpa)?;
             a.mov(qword_ptr(rbx + regs::PM_GPA as i32), rax)?;
             a.mov(rax, 0x1000u64)?;
@@ -331,7 +362,11 @@ fn killed_device_process_is_fenced_and_restartable() {
     wait_until("reads all ones", Duration::from_secs(10), || id() == u64::MAX);
     let failed = || {
         let list = exec(json!({"execute": "query-devices"}));
-        list["return"].as_array().unwrap().iter().any(|d| d["id"] == "t0" && d["failed"] == true && d["fenced"] == true)
+        list["return"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["id"] == "t0" && d["failed"] == true && d["fenced"] == true)
     };
     wait_until("query-devices reports t0 failed", Duration::from_secs(10), failed);
     let dots = serial.text().len();

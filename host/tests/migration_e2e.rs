@@ -57,7 +57,10 @@ fn live_migration_over_tcp_keeps_every_page() {
 
     let (code, src_out, _) = src.finish(Duration::from_secs(20));
     assert_eq!(code, 0, "source quits after the migration");
-    assert!(!src_out.iter().any(|l| l.contains("rounds verified")), "the source must not finish: {src_out:?}");
+    assert!(
+        !src_out.iter().any(|l| l.contains("rounds verified")),
+        "the source must not finish: {src_out:?}"
+    );
     let (code, out, err) = dst.finish(Duration::from_secs(60));
     assert_verified(code, &out, &err, rounds);
     // The destination continued where the source stopped, not from round 1.
@@ -175,7 +178,8 @@ fn nvdimm_label_area_migrates_though_the_guest_cannot_see_it() {
     );
     let dst_cfg = write_config_with(dir.path(), "dst.toml", rounds, Some("{ size = \"4M\" }"));
     let dsock = dir.path().join("dst.sock");
-    let (dst, uri) = VmProcess::destination(&dst_cfg, "tcp:127.0.0.1:0", &["--control", dsock.to_str().unwrap()]);
+    let (dst, uri) =
+        VmProcess::destination(&dst_cfg, "tcp:127.0.0.1:0", &["--control", dsock.to_str().unwrap()]);
     let (src, sock) = VmProcess::source(dir.path(), &src_cfg);
     let out = migrate(&sock, &uri, &["--keep-source"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -183,7 +187,10 @@ fn nvdimm_label_area_migrates_though_the_guest_cannot_see_it() {
     let digest = |sock: &Path| {
         let mut c = ControlClient::connect(sock).unwrap();
         let r = c
-            .execute("x-query-ram-digest", json!({"block": "nv0/ram", "offset": size - label, "length": label}))
+            .execute(
+                "x-query-ram-digest",
+                json!({"block": "nv0/ram", "offset": size - label, "length": label}),
+            )
             .unwrap();
         r["crc32c"].as_u64().unwrap() as u32
     };

@@ -13,7 +13,9 @@ use fixtures::{build_not_a_plugin, build_scratch_plugin, doctored_plugin_api, ta
 
 /// The plugin API version this host was built with.
 fn api_version() -> String {
-    <dmhost_plugin_api::PluginModule_Ref as abi_stable::library::RootModule>::VERSION_STRINGS.version.to_string()
+    <dmhost_plugin_api::PluginModule_Ref as abi_stable::library::RootModule>::VERSION_STRINGS
+        .version
+        .to_string()
 }
 
 /// Plugins this workspace ships (library stems).
@@ -49,7 +51,10 @@ fn plugins_list_shows_the_shipped_plugins() {
     let out = dmhost(&["plugins", "list", "-v"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     for (name, kind) in [("pc-dimm", "kinds=pc-dimm"), ("nvdimm", "kinds=nvdimm")] {
-        let line = stdout.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} not listed:\n{stdout}"));
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} not listed:\n{stdout}"));
         assert!(line.contains(kind), "{line}");
     }
     assert!(stdout.contains("plugins loaded in"), "{stdout}");

@@ -32,7 +32,10 @@ fn write_config(dir: &Path, rounds: u64) -> PathBuf {
 
 fn assert_verified(code: i32, out: &[String], err: &[String], rounds: u64) {
     process::assert_verified(code, out, err, rounds);
-    assert!(!out.iter().any(|l| l.contains("migrate-verify: start")), "the destination continued the source's run: {out:?}");
+    assert!(
+        !out.iter().any(|l| l.contains("migrate-verify: start")),
+        "the destination continued the source's run: {out:?}"
+    );
 }
 
 fn wait_status(c: &mut ControlClient, want: &[&str], timeout: Duration) -> Value {
@@ -56,7 +59,8 @@ fn postcopy_migrates_a_guest_that_outruns_the_link() {
     let rounds = 40000;
     let cfg = write_config(dir.path(), rounds);
     let dst_sock = dir.path().join("dst.sock");
-    let (dst, uri) = VmProcess::destination(&cfg, "tcp:127.0.0.1:0", &["--control", dst_sock.to_str().unwrap()]);
+    let (dst, uri) =
+        VmProcess::destination(&cfg, "tcp:127.0.0.1:0", &["--control", dst_sock.to_str().unwrap()]);
     let (src, sock) = VmProcess::source(dir.path(), &cfg);
     // 40 MB/s: one round dirties 80 MiB, so pre-copy never converges.
     let out = dmhost()
@@ -75,7 +79,10 @@ fn postcopy_migrates_a_guest_that_outruns_the_link() {
     assert!(q["postcopy"]["postcopy-requests"].as_u64().unwrap() > 0, "{q}");
     assert_eq!(q["postcopy"]["pages-remaining"], 0, "{q}");
     let devs = q["postcopy-devices"].as_array().unwrap();
-    assert!(devs.iter().any(|d| d["id"] == "dimm0" && d["postcopy"].as_str().unwrap().starts_with("no")), "{q}");
+    assert!(
+        devs.iter().any(|d| d["id"] == "dimm0" && d["postcopy"].as_str().unwrap().starts_with("no")),
+        "{q}"
+    );
     let st = c.execute("query-status", json!({})).unwrap();
     assert_ne!(st["status"], "running", "{st}");
     c.execute("quit", json!({})).unwrap();
@@ -85,7 +92,10 @@ fn postcopy_migrates_a_guest_that_outruns_the_link() {
     let q = wait_status(&mut d, &["completed"], Duration::from_secs(60));
     let pc = &q["postcopy"];
     assert!(pc["faults"].as_u64().unwrap() > 0, "{q}");
-    assert!(pc["fault-latency-p50-us"].as_u64().is_some() && pc["fault-latency-p99-us"].as_u64().is_some(), "{q}");
+    assert!(
+        pc["fault-latency-p50-us"].as_u64().is_some() && pc["fault-latency-p99-us"].as_u64().is_some(),
+        "{q}"
+    );
     assert_eq!(pc["pages-remaining"], 0, "{q}");
     drop(d);
     let (code, src_out, _) = src.finish(Duration::from_secs(20));
@@ -93,7 +103,10 @@ fn postcopy_migrates_a_guest_that_outruns_the_link() {
     assert!(!src_out.iter().any(|l| l.contains("rounds verified")), "{src_out:?}");
     let (code, out, err) = dst.finish(Duration::from_secs(120));
     assert_verified(code, &out, &err, rounds);
-    assert!(err.iter().any(|l| l.contains("post-copy completed") && l.contains("p99")), "latency logged: {err:?}");
+    assert!(
+        err.iter().any(|l| l.contains("post-copy completed") && l.contains("p99")),
+        "latency logged: {err:?}"
+    );
 }
 
 #[test]
@@ -105,11 +118,16 @@ fn postcopy_recovers_after_the_connection_breaks() {
     let rounds = 40000;
     let cfg = write_config(dir.path(), rounds);
     let dst_sock = dir.path().join("dst.sock");
-    let (dst, uri) = VmProcess::destination(&cfg, "tcp:127.0.0.1:0", &["--control", dst_sock.to_str().unwrap()]);
+    let (dst, uri) =
+        VmProcess::destination(&cfg, "tcp:127.0.0.1:0", &["--control", dst_sock.to_str().unwrap()]);
     let (src, sock) = VmProcess::source(dir.path(), &cfg);
     let mut c = ControlClient::connect(&sock).unwrap();
     // A slow background stream keeps post-copy going long enough to cut it.
-    c.execute("migrate-set-parameters", json!({"max-bandwidth": 40_000_000, "max-postcopy-bandwidth": 8_000_000})).unwrap();
+    c.execute(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 40_000_000, "max-postcopy-bandwidth": 8_000_000}),
+    )
+    .unwrap();
     c.execute("migrate", json!({"uri": uri})).unwrap();
     wait_status(&mut c, &["active"], Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(300));

@@ -59,7 +59,8 @@ fn isolated_pc_dimm_and_nvdimm_migrate_every_page_and_the_label_area() {
     );
     let dst_cfg = config(dir.path(), "dst.toml", rounds, "{ size = \"4M\" }");
     let dsock = dir.path().join("dst.sock");
-    let (dst, uri) = VmProcess::destination(&dst_cfg, "tcp:127.0.0.1:0", &["--control", dsock.to_str().unwrap()]);
+    let (dst, uri) =
+        VmProcess::destination(&dst_cfg, "tcp:127.0.0.1:0", &["--control", dsock.to_str().unwrap()]);
     let (src, sock) = VmProcess::source(dir.path(), &src_cfg);
     let out = dmhost()
         .args(["migrate", "--control", sock.to_str().unwrap(), "--to", &uri, "--keep-source"])
@@ -70,7 +71,10 @@ fn isolated_pc_dimm_and_nvdimm_migrate_every_page_and_the_label_area() {
     let digest = |sock: &Path| {
         let mut c = ControlClient::connect(sock).unwrap();
         let r = c
-            .execute("x-query-ram-digest", json!({"block": "nv0/ram", "offset": size - label, "length": label}))
+            .execute(
+                "x-query-ram-digest",
+                json!({"block": "nv0/ram", "offset": size - label, "length": label}),
+            )
             .unwrap();
         r["crc32c"].as_u64().unwrap() as u32
     };
@@ -110,9 +114,11 @@ fn killed_isolated_pc_dimm_is_fenced_and_its_ram_block_unregistered() {
     reg.load(&common::plugin_path("pc_dimm")).unwrap();
     let reg = Arc::new(reg);
     let (vm, _serial) = common::vm_with_serial(16 << 20);
-    let info = remote::add_device(&vm, &*reg, "pc-dimm", "dimm0", r#"{"size":"2M"}"#, Isolation::Process).unwrap();
+    let info =
+        remote::add_device(&vm, &*reg, "pc-dimm", "dimm0", r#"{"size":"2M"}"#, Isolation::Process).unwrap();
     let (gpa, size) = info.region.expect("the DIMM is mapped");
-    let block = vm.ram_blocks().into_iter().find(|b| b.name == "dimm0/ram").expect("RAM registered from its process");
+    let block =
+        vm.ram_blocks().into_iter().find(|b| b.name == "dimm0/ram").expect("RAM registered from its process");
     assert_eq!(block.size, size);
     // The block is the guest's memory: the same host mapping as its slot
     // (so KVM's dirty log of the slot lands in the block) and the same bytes.
@@ -161,10 +167,9 @@ fn nvdimm_example_with_isolated_nvdimms_serves_dsm_through_the_proxy() {
     common::plugin_path("nvdimm");
     common::plugin_path("pc_dimm");
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/nvdimm.toml");
-    let cfg = std::fs::read_to_string(example).unwrap().replace(
-        "kind = \"nvdimm\"\n",
-        "kind = \"nvdimm\"\nisolation = \"process\"\n",
-    );
+    let cfg = std::fs::read_to_string(example)
+        .unwrap()
+        .replace("kind = \"nvdimm\"\n", "kind = \"nvdimm\"\nisolation = \"process\"\n");
     assert_eq!(cfg.matches("isolation = \"process\"").count(), 2);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nvdimm-isolated.toml");

@@ -25,8 +25,7 @@ use dmhost::{
 };
 
 const INTX_GSI: u32 = 10;
-const VFIO_CONFIG: &str =
-    r#"{"driver":"vendor-sample","driver-config":{"state-size":"4M"},"intx-gsi":10}"#;
+const VFIO_CONFIG: &str = r#"{"driver":"vendor-sample","driver-config":{"state-size":"4M"},"intx-gsi":10}"#;
 
 fn registry() -> Arc<PluginRegistry> {
     let mut r = PluginRegistry::default();
@@ -54,11 +53,15 @@ fn guest_enumerates_programs_and_interrupts_the_vendor_device() {
     let (vm, serial) = vm_with_vfio(&reg);
     let funcs = vm.shared().pci.functions();
     assert_eq!(funcs.len(), 2, "{funcs:?}");
-    assert_eq!((funcs[1].slot, funcs[1].id.as_str(), funcs[1].vendor, funcs[1].device), (1, "vfio0", 0x1de5, 0x0001));
+    assert_eq!(
+        (funcs[1].slot, funcs[1].id.as_str(), funcs[1].vendor, funcs[1].device),
+        (1, "vfio0", 0x1de5, 0x0001)
+    );
     let before = ioapic_lines(&vm).unwrap();
     assert!(!before.asserted(INTX_GSI), "INTx raised before the guest ran: {before:?}");
 
-    vm.load_program(&GuestProgram::from_spec("builtin:vfio-demo", None).unwrap(), &RegPreset::default()).unwrap();
+    vm.load_program(&GuestProgram::from_spec("builtin:vfio-demo", None).unwrap(), &RegPreset::default())
+        .unwrap();
     vm.start().unwrap();
     let exit = vm.control().wait_timeout(Duration::from_secs(30));
     let out = serial.text();
@@ -89,8 +92,10 @@ fn config_cycles_reach_only_the_owning_slot_and_unplug_empties_it() {
     let (vm, _serial) = common::vm_with_serial(16 << 20);
     vm.set_vfio_drivers(Arc::clone(&reg) as _);
     vm.shared().pci.reserve("vfio0", 7).unwrap();
-    vm.add_device("vfio-pci", "vfio0", |host| DeviceFactory::create(&*reg, "vfio-pci", "vfio0", VFIO_CONFIG, host))
-        .unwrap();
+    vm.add_device("vfio-pci", "vfio0", |host| {
+        DeviceFactory::create(&*reg, "vfio-pci", "vfio0", VFIO_CONFIG, host)
+    })
+    .unwrap();
     let bus = vm.bus();
     let rd = |addr: u32| {
         bus.write(IoSpace::Pio, 0xcf8, &addr.to_le_bytes());
@@ -223,7 +228,12 @@ impl Proc {
             if let Some(l) = lines.lock().unwrap().iter().find(|l| l.contains(needle)) {
                 return l.clone();
             }
-            assert!(Instant::now() < deadline, "no {needle:?}: stdout {:?} stderr {:?}", self.out.lock().unwrap(), self.err.lock().unwrap());
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?}: stdout {:?} stderr {:?}",
+                self.out.lock().unwrap(),
+                self.err.lock().unwrap()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -236,7 +246,11 @@ impl Proc {
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!("VM did not exit; stdout {:?} stderr {:?}", self.out.lock().unwrap(), self.err.lock().unwrap());
+                panic!(
+                    "VM did not exit; stdout {:?} stderr {:?}",
+                    self.out.lock().unwrap(),
+                    self.err.lock().unwrap()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -248,15 +262,15 @@ impl Proc {
 }
 
 fn digest_in(lines: &[String], what: &str) -> String {
-    let l = lines
-        .iter()
-        .find(|l| l.contains(what))
-        .unwrap_or_else(|| panic!("no {what:?} in {lines:?}"));
+    let l = lines.iter().find(|l| l.contains(what)).unwrap_or_else(|| panic!("no {what:?} in {lines:?}"));
     l.split(what).nth(1).unwrap().split_whitespace().next().unwrap().to_owned()
 }
 
 fn stop_copy_bytes(lines: &[String]) -> u64 {
-    let l = lines.iter().find(|l| l.contains("stop-copy sent")).unwrap_or_else(|| panic!("no stop-copy line in {lines:?}"));
+    let l = lines
+        .iter()
+        .find(|l| l.contains("stop-copy sent"))
+        .unwrap_or_else(|| panic!("no stop-copy line in {lines:?}"));
     l.split("stop-copy sent ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()
 }
 
@@ -281,12 +295,18 @@ fn vfio_vm_migrates_between_processes_with_device_state_in_precopy() {
 
     let (code, src_out, src_err) = src.finish(Duration::from_secs(30));
     assert_eq!(code, 0, "source: {src_err:?}");
-    assert!(!src_out.iter().any(|l| l.contains("rounds verified")), "the source must not finish: {src_out:?}");
+    assert!(
+        !src_out.iter().any(|l| l.contains("rounds verified")),
+        "the source must not finish: {src_out:?}"
+    );
     let (code, out, err) = dst.finish(Duration::from_secs(120));
     let want = format!("vfio-verify: 0x{rounds:016x} rounds verified");
     assert_eq!(code, 0, "stdout {out:?}\nstderr {err:?}");
     assert!(out.contains(&want), "no {want:?} in {out:?}");
-    assert!(!out.iter().any(|l| l.contains("vfio-verify: start")), "the destination continued, not restarted: {out:?}");
+    assert!(
+        !out.iter().any(|l| l.contains("vfio-verify: start")),
+        "the destination continued, not restarted: {out:?}"
+    );
     // The device's state: what the source saved is what the destination
     // loaded (the driver also checks the stream's digest itself).
     let saved = digest_in(&src_err, "saved state digest ");

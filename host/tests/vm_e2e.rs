@@ -142,17 +142,18 @@ fn physmap_ownership_between_two_plugins() {
     vm.write_guest(b_gpa, &0xb0b0_b0b0_b0b0_b0b0u64.to_le_bytes()).unwrap();
 
     // Issue a physmap request through the device: remove (1) or add (2).
-    let request = |a: &mut CodeAssembler, cmd: u64, gpa: u64, size: u64, result: u64| -> Result<(), IcedError> {
-        a.mov(rax, gpa)?;
-        a.mov(qword_ptr(rbx + regs::PM_GPA as i32), rax)?;
-        a.mov(rax, size)?;
-        a.mov(qword_ptr(rbx + regs::PM_SIZE as i32), rax)?;
-        a.mov(rax, gpa - a_gpa)?;
-        a.mov(qword_ptr(rbx + regs::PM_OFFSET as i32), rax)?;
-        a.mov(qword_ptr(rbx + regs::PM_CMD as i32), cmd as i32)?;
-        a.mov(rax, qword_ptr(rbx + regs::PM_STATUS as i32))?;
-        a.mov(qword_ptr(RESULTS + result), rax)
-    };
+    let request =
+        |a: &mut CodeAssembler, cmd: u64, gpa: u64, size: u64, result: u64| -> Result<(), IcedError> {
+            a.mov(rax, gpa)?;
+            a.mov(qword_ptr(rbx + regs::PM_GPA as i32), rax)?;
+            a.mov(rax, size)?;
+            a.mov(qword_ptr(rbx + regs::PM_SIZE as i32), rax)?;
+            a.mov(rax, gpa - a_gpa)?;
+            a.mov(qword_ptr(rbx + regs::PM_OFFSET as i32), rax)?;
+            a.mov(qword_ptr(rbx + regs::PM_CMD as i32), cmd as i32)?;
+            a.mov(rax, qword_ptr(rbx + regs::PM_STATUS as i32))?;
+            a.mov(qword_ptr(RESULTS + result), rax)
+        };
     let prog = program("physmap", |a| {
         a.mov(rbx, MMIO)?;
         a.mov(r8, a_gpa)?;

@@ -59,19 +59,12 @@ impl MemoryBackend {
     /// opens and maps it read-only.
     pub fn file(path: &Path, size: u64, share: bool, read_only: bool) -> io::Result<Self> {
         check_size(size)?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .create(!read_only)
-            .truncate(false)
-            .open(path)?;
+        let file =
+            OpenOptions::new().read(true).write(!read_only).create(!read_only).truncate(false).open(path)?;
         let len = file.metadata()?.len();
         if len < size {
             if read_only {
-                return Err(invalid(format!(
-                    "{} is {len} bytes, smaller than size {size}",
-                    path.display()
-                )));
+                return Err(invalid(format!("{} is {len} bytes, smaller than size {size}", path.display())));
             }
             file.set_len(size)?;
         }
@@ -82,9 +75,7 @@ impl MemoryBackend {
         let prot = if read_only { libc::PROT_READ } else { libc::PROT_READ | libc::PROT_WRITE };
         let flags = if shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
         // SAFETY: a fresh mapping of a valid descriptor; the result is checked.
-        let addr = unsafe {
-            libc::mmap(std::ptr::null_mut(), size as usize, prot, flags, fd.as_raw_fd(), 0)
-        };
+        let addr = unsafe { libc::mmap(std::ptr::null_mut(), size as usize, prot, flags, fd.as_raw_fd(), 0) };
         if addr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
@@ -143,11 +134,7 @@ impl MemoryBackend {
         // SAFETY: bounds checked above; the mapping is writable and lives
         // as long as `self`.
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                buf.as_ptr(),
-                self.addr.as_ptr().add(offset as usize),
-                buf.len(),
-            )
+            std::ptr::copy_nonoverlapping(buf.as_ptr(), self.addr.as_ptr().add(offset as usize), buf.len())
         };
         Some(())
     }
@@ -155,9 +142,7 @@ impl MemoryBackend {
     /// Flush a file backend to disk.
     pub fn sync(&self) -> io::Result<()> {
         // SAFETY: the range is exactly our mapping.
-        let r = unsafe {
-            libc::msync(self.addr.as_ptr().cast(), self.size as usize, libc::MS_SYNC)
-        };
+        let r = unsafe { libc::msync(self.addr.as_ptr().cast(), self.size as usize, libc::MS_SYNC) };
         if r < 0 {
             return Err(io::Error::last_os_error());
         }

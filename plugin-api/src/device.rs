@@ -7,8 +7,7 @@ use abi_stable::{
 };
 
 use crate::{
-    DsmReply, DsmRequest, GuestRegion, IntxRoute, MemoryRegion, PendingSize, PlugInfo,
-    PluginError, SaveChunk,
+    DsmReply, DsmRequest, GuestRegion, IntxRoute, MemoryRegion, PendingSize, PlugInfo, PluginError, SaveChunk,
 };
 
 /// A device model, as a plugin author writes it.
@@ -153,8 +152,7 @@ pub trait Device: Send {
     fn pio_write(&mut self, port: u64, data: RSlice<'_, u8>) -> RResult<(), PluginError>;
     fn mmio_read(&mut self, addr: u64, data: RSliceMut<'_, u8>) -> RResult<(), PluginError>;
     fn mmio_write(&mut self, addr: u64, data: RSlice<'_, u8>) -> RResult<(), PluginError>;
-    fn pci_config_read(&mut self, offset: u32, data: RSliceMut<'_, u8>)
-        -> RResult<(), PluginError>;
+    fn pci_config_read(&mut self, offset: u32, data: RSliceMut<'_, u8>) -> RResult<(), PluginError>;
     fn pci_config_write(&mut self, offset: u32, data: RSlice<'_, u8>) -> RResult<(), PluginError>;
 
     fn state_version(&self) -> u32;

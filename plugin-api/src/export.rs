@@ -18,11 +18,10 @@ use abi_stable::{
 
 use crate::{
     vfio::{errno, VfioDriver, VfioDriverDevice},
-    Device, DeviceBox, DeviceKind, DeviceModel, Device_TO, DsmReply, DsmRequest, ErrorKind,
-    GuestRegion, Host, IntxRoute, LogLevel, LogSinkBox, MemoryRegion, PendingSize, PlugInfo,
-    PluginError, PluginModule, PluginModule_Ref, SaveChunk, VfioDataStream, VfioDeviceInfo,
-    VfioDriverBox, VfioDriverDevice_TO, VfioDriverInfo, VfioError, VfioIrqInfo, VfioPrecopyInfo,
-    VfioRegionInfo,
+    Device, DeviceBox, DeviceKind, DeviceModel, Device_TO, DsmReply, DsmRequest, ErrorKind, GuestRegion,
+    Host, IntxRoute, LogLevel, LogSinkBox, MemoryRegion, PendingSize, PlugInfo, PluginError, PluginModule,
+    PluginModule_Ref, SaveChunk, VfioDataStream, VfioDeviceInfo, VfioDriverBox, VfioDriverDevice_TO,
+    VfioDriverInfo, VfioError, VfioIrqInfo, VfioPrecopyInfo, VfioRegionInfo,
 };
 
 /// A plugin library, as its author writes it. Export it with
@@ -35,27 +34,15 @@ pub trait Plugin {
     /// The device kinds this plugin provides.
     fn kinds() -> Vec<DeviceKind>;
     /// Create a device; `config` is untrusted JSON text.
-    fn create(
-        kind: &str,
-        id: &str,
-        config: &str,
-        host: Host,
-    ) -> Result<Box<dyn DeviceModel>, PluginError>;
+    fn create(kind: &str, id: &str, config: &str, host: Host) -> Result<Box<dyn DeviceModel>, PluginError>;
 
     /// The vendor VFIO drivers this library provides (ABI 1.1).
     fn vfio_drivers() -> Vec<VfioDriverInfo> {
         Vec::new()
     }
     /// Open one of [`Plugin::vfio_drivers`]; `config` is untrusted JSON text.
-    fn open_vfio_driver(
-        name: &str,
-        _config: &str,
-        _host: Host,
-    ) -> Result<Box<dyn VfioDriver>, PluginError> {
-        Err(PluginError::unsupported(format!(
-            "plugin {} provides no VFIO driver {name:?}",
-            Self::NAME
-        )))
+    fn open_vfio_driver(name: &str, _config: &str, _host: Host) -> Result<Box<dyn VfioDriver>, PluginError> {
+        Err(PluginError::unsupported(format!("plugin {} provides no VFIO driver {name:?}", Self::NAME)))
     }
 }
 
@@ -82,9 +69,7 @@ extern "C" fn open_vfio_driver<P: Plugin>(
     config: RStr<'_>,
     host: Host,
 ) -> RResult<VfioDriverBox, PluginError> {
-    let made = catch_unwind(AssertUnwindSafe(|| {
-        P::open_vfio_driver(name.as_str(), config.as_str(), host)
-    }));
+    let made = catch_unwind(AssertUnwindSafe(|| P::open_vfio_driver(name.as_str(), config.as_str(), host)));
     match made {
         Ok(Ok(driver)) => RResult::ROk(wrap_vfio_driver(driver, name.as_str())),
         Ok(Err(e)) => RResult::RErr(e),
@@ -136,12 +121,7 @@ impl VfioDriverDevice for GuardedVfio {
     fn region_info(&self, index: u32) -> RResult<VfioRegionInfo, VfioError> {
         self.call("region_info", |d| d.region_info(index))
     }
-    fn region_read(
-        &self,
-        index: u32,
-        offset: u64,
-        mut data: RSliceMut<'_, u8>,
-    ) -> RResult<(), VfioError> {
+    fn region_read(&self, index: u32, offset: u64, mut data: RSliceMut<'_, u8>) -> RResult<(), VfioError> {
         let buf = data.as_mut_slice();
         self.call("region_read", |d| d.region_read(index, offset, buf))
     }
@@ -154,13 +134,7 @@ impl VfioDriverDevice for GuardedVfio {
     fn irq_info(&self, index: u32) -> RResult<VfioIrqInfo, VfioError> {
         self.call("irq_info", |d| d.irq_info(index))
     }
-    fn set_irqs(
-        &self,
-        index: u32,
-        action: u32,
-        start: u32,
-        fds: RSlice<'_, i32>,
-    ) -> RResult<(), VfioError> {
+    fn set_irqs(&self, index: u32, action: u32, start: u32, fds: RSlice<'_, i32>) -> RResult<(), VfioError> {
         self.call("set_irqs", |d| d.set_irqs(index, action, start, fds.as_slice()))
     }
     fn reset(&self) -> RResult<(), VfioError> {
@@ -192,11 +166,7 @@ impl VfioDriverDevice for GuardedVfio {
             Ok(n as u64)
         })
     }
-    fn write_migration_data(
-        &self,
-        stream: VfioDataStream,
-        buf: RSlice<'_, u8>,
-    ) -> RResult<u64, VfioError> {
+    fn write_migration_data(&self, stream: VfioDataStream, buf: RSlice<'_, u8>) -> RResult<u64, VfioError> {
         self.call("write_migration_data", |d| {
             d.write_migration_data(stream, buf.as_slice()).map(|n| n as u64)
         })
@@ -217,9 +187,8 @@ extern "C" fn create<P: Plugin>(
     config: RStr<'_>,
     host: Host,
 ) -> RResult<DeviceBox, PluginError> {
-    let made = catch_unwind(AssertUnwindSafe(|| {
-        P::create(kind.as_str(), id.as_str(), config.as_str(), host)
-    }));
+    let made =
+        catch_unwind(AssertUnwindSafe(|| P::create(kind.as_str(), id.as_str(), config.as_str(), host)));
     match made {
         Ok(Ok(model)) => RResult::ROk(wrap(model, id.as_str())),
         Ok(Err(e)) => RResult::RErr(e),
@@ -229,12 +198,7 @@ extern "C" fn create<P: Plugin>(
 
 /// Wrap a device model in the ABI object (with the panic fence).
 pub fn wrap(model: Box<dyn DeviceModel>, id: &str) -> DeviceBox {
-    let guarded = Guarded {
-        inner: model,
-        id: id.to_owned(),
-        fenced: AtomicBool::new(false),
-        plugged: false,
-    };
+    let guarded = Guarded { inner: model, id: id.to_owned(), fenced: AtomicBool::new(false), plugged: false };
     Device_TO::from_value(guarded, TD_Opaque)
 }
 
@@ -262,10 +226,7 @@ struct Guarded {
 
 impl Guarded {
     fn fenced_error(&self) -> PluginError {
-        PluginError::new(
-            ErrorKind::Fenced,
-            format!("device {} is fenced after a panic", self.id),
-        )
+        PluginError::new(ErrorKind::Fenced, format!("device {} is fenced after a panic", self.id))
     }
 
     /// Run `f` on the model unless fenced; a panic fences the device.
@@ -328,10 +289,7 @@ impl Device for Guarded {
     }
     fn plug(&mut self, info: PlugInfo) -> RResult<(), PluginError> {
         if self.plugged {
-            return RResult::RErr(PluginError::state(format!(
-                "device {} is already plugged",
-                self.id
-            )));
+            return RResult::RErr(PluginError::state(format!("device {} is already plugged", self.id)));
         }
         let r = self.call_mut("plug", |d| d.plug(info));
         self.plugged = r.is_ok();
@@ -360,11 +318,7 @@ impl Device for Guarded {
     fn mmio_write(&mut self, addr: u64, data: RSlice<'_, u8>) -> RResult<(), PluginError> {
         self.call_mut("mmio_write", |d| d.mmio_write(addr, data.as_slice()))
     }
-    fn pci_config_read(
-        &mut self,
-        offset: u32,
-        data: RSliceMut<'_, u8>,
-    ) -> RResult<(), PluginError> {
+    fn pci_config_read(&mut self, offset: u32, data: RSliceMut<'_, u8>) -> RResult<(), PluginError> {
         self.read("pci_config_read", data, |d, b| d.pci_config_read(offset, b))
     }
     fn pci_config_write(&mut self, offset: u32, data: RSlice<'_, u8>) -> RResult<(), PluginError> {
@@ -390,9 +344,7 @@ impl Device for Guarded {
         self.call_mut("save_live_iterate", |d| d.save_live_iterate())
     }
     fn save_live_complete_precopy(&mut self) -> RResult<RVec<u8>, PluginError> {
-        self.call_mut("save_live_complete_precopy", |d| {
-            d.save_live_complete_precopy().map(RVec::from)
-        })
+        self.call_mut("save_live_complete_precopy", |d| d.save_live_complete_precopy().map(RVec::from))
     }
     fn save_cleanup(&mut self) {
         let _ = self.call_mut("save_cleanup", |d| {
@@ -456,16 +408,12 @@ macro_rules! export_plugin {
         #[allow(non_upper_case_globals)]
         pub static _1as_0lib_1header_0root_bmodule_bloader: $crate::abi_stable::library::LibHeader = {
             extern "C" fn __erased() -> $crate::abi_stable::library::RootModuleResult {
-                $crate::abi_stable::library::__call_root_module_loader(
-                    __dmhost_plugin_root_module,
-                )
+                $crate::abi_stable::library::__call_root_module_loader(__dmhost_plugin_root_module)
             }
             // SAFETY: the constructor returns the root module type named
             // here, and its layout is checked by the loader.
             unsafe {
-                $crate::abi_stable::library::LibHeader::from_constructor::<
-                    $crate::PluginModule_Ref,
-                >(
+                $crate::abi_stable::library::LibHeader::from_constructor::<$crate::PluginModule_Ref>(
                     __erased,
                     $crate::abi_stable::library::CheckTypeLayout::Yes,
                 )

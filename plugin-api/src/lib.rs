@@ -59,12 +59,10 @@ pub use device::{Device, DeviceBox, DeviceModel, Device_TO};
 pub use error::{ErrorKind, PluginError, PluginResult};
 pub use export::{wrap, Plugin};
 pub use module::{PluginModule, PluginModule_Ref};
-pub use services::{
-    Host, HostServices, HostServices_TO, IoSpace, LogSink, LogSinkBox, LogSink_TO,
-};
+pub use services::{Host, HostServices, HostServices_TO, IoSpace, LogSink, LogSinkBox, LogSink_TO};
 pub use types::{
-    DeviceKind, DsmReply, DsmRequest, GuestRegion, IntxRoute, LogLevel, MemoryRegion, PendingSize,
-    PlugInfo, SaveChunk,
+    DeviceKind, DsmReply, DsmRequest, GuestRegion, IntxRoute, LogLevel, MemoryRegion, PendingSize, PlugInfo,
+    SaveChunk,
 };
 pub use vfio::{
     MigState, VfioDataStream, VfioDeviceInfo, VfioDriver, VfioDriverBox, VfioDriverDevice,

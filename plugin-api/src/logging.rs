@@ -21,11 +21,7 @@ impl log::Log for Bridge {
             return;
         }
         let message = record.args().to_string();
-        self.sink.log(
-            record.level().into(),
-            RStr::from(record.target()),
-            RStr::from(message.as_str()),
-        );
+        self.sink.log(record.level().into(), RStr::from(record.target()), RStr::from(message.as_str()));
     }
 
     fn flush(&self) {}

@@ -9,9 +9,7 @@ use abi_stable::{
     StableAbi,
 };
 
-use crate::{
-    DeviceBox, DeviceKind, Host, LogLevel, LogSinkBox, PluginError, VfioDriverBox, VfioDriverInfo,
-};
+use crate::{DeviceBox, DeviceKind, Host, LogLevel, LogSinkBox, PluginError, VfioDriverBox, VfioDriverInfo};
 
 /// A plugin library's entry points.
 ///
@@ -52,11 +50,8 @@ pub struct PluginModule {
     /// Open the vendor VFIO driver `name` with `config` (JSON text); `host`
     /// is the services object of the device that uses it (DMA, logging).
     #[sabi(missing_field(option))]
-    pub open_vfio_driver: extern "C" fn(
-        name: RStr<'_>,
-        config: RStr<'_>,
-        host: Host,
-    ) -> RResult<VfioDriverBox, PluginError>,
+    pub open_vfio_driver:
+        extern "C" fn(name: RStr<'_>, config: RStr<'_>, host: Host) -> RResult<VfioDriverBox, PluginError>,
 }
 
 impl RootModule for PluginModule_Ref {

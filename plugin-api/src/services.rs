@@ -63,11 +63,7 @@ pub trait HostServices: Send + Sync + Clone {
     /// Open a vendor VFIO driver from the loaded plugins: `matching` is a
     /// driver name or "vvvv:dddd" (PCI vendor:device, hex); `config` is the
     /// driver's JSON configuration. The driver gets this device's services.
-    fn open_vfio_driver(
-        &self,
-        matching: RStr<'_>,
-        config: RStr<'_>,
-    ) -> RResult<VfioDriverBox, PluginError> {
+    fn open_vfio_driver(&self, matching: RStr<'_>, config: RStr<'_>) -> RResult<VfioDriverBox, PluginError> {
         let _ = config;
         RResult::RErr(PluginError::unsupported(format!(
             "this host cannot open vendor VFIO drivers (asked for {matching:?})"
@@ -79,16 +75,12 @@ pub trait HostServices: Send + Sync + Clone {
     /// the same `fd` again updates its message.
     fn register_msi_irqfd(&self, fd: i32, address: u64, data: u32) -> RResult<(), PluginError> {
         let _ = (address, data);
-        RResult::RErr(PluginError::unsupported(format!(
-            "this host has no MSI routing (eventfd {fd})"
-        )))
+        RResult::RErr(PluginError::unsupported(format!("this host has no MSI routing (eventfd {fd})")))
     }
 
     /// Undo `register_msi_irqfd`.
     fn unregister_msi_irqfd(&self, fd: i32) -> RResult<(), PluginError> {
-        RResult::RErr(PluginError::unsupported(format!(
-            "this host has no MSI routing (eventfd {fd})"
-        )))
+        RResult::RErr(PluginError::unsupported(format!("this host has no MSI routing (eventfd {fd})")))
     }
 
     // ---- 1.1 (iohub): the same rules.

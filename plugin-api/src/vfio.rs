@@ -143,9 +143,7 @@ impl MigState {
                 VFIO_MIGRATION_STOP_COPY
             }
             MigState::PreCopy => VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_PRE_COPY,
-            MigState::PreCopyP2p => {
-                VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P | VFIO_MIGRATION_PRE_COPY
-            }
+            MigState::PreCopyP2p => VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P | VFIO_MIGRATION_PRE_COPY,
             MigState::RunningP2p => VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_P2P,
             MigState::Error => u64::MAX,
         }
@@ -158,10 +156,7 @@ impl MigState {
 
     /// PRE_COPY, PRE_COPY_P2P and STOP_COPY share one saving session.
     pub fn is_saving(self) -> bool {
-        matches!(
-            self,
-            MigState::PreCopy | MigState::PreCopyP2p | MigState::StopCopy
-        )
+        matches!(self, MigState::PreCopy | MigState::PreCopyP2p | MigState::StopCopy)
     }
 
     /// The states with an open data session.
@@ -262,10 +257,7 @@ pub struct VfioError {
 
 impl VfioError {
     pub fn new(errno: i32, message: impl fmt::Display) -> Self {
-        Self {
-            errno,
-            message: message.to_string().into(),
-        }
+        Self { errno, message: message.to_string().into() }
     }
     /// `EINVAL`: the request is not valid now (illegal arc, bad index/range).
     pub fn invalid(message: impl fmt::Display) -> Self {
@@ -403,20 +395,13 @@ pub trait VfioDriver: Send + Sync + 'static {
     fn get_state(&self) -> u32;
     /// `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`: estimated STOP_COPY data size.
     fn stop_copy_size(&self) -> Result<u64, VfioError> {
-        Err(VfioError::new(
-            errno::ENOTTY,
-            "stop-copy size is not reported",
-        ))
+        Err(VfioError::new(errno::ENOTTY, "stop-copy size is not reported"))
     }
     /// `VFIO_MIG_GET_PRECOPY_INFO`: only in PRE_COPY states, else `EINVAL`.
     fn precopy_info(&self, stream: VfioDataStream) -> Result<VfioPrecopyInfo, VfioError>;
     /// `read()` on the data fd: bytes read, 0 at the end of a STOP_COPY
     /// stream; `ENOMSG` in PRE_COPY when there is nothing for now.
-    fn read_migration_data(
-        &self,
-        stream: VfioDataStream,
-        buf: &mut [u8],
-    ) -> Result<usize, VfioError>;
+    fn read_migration_data(&self, stream: VfioDataStream, buf: &mut [u8]) -> Result<usize, VfioError>;
     /// `write()` on the data fd in RESUMING: bytes consumed.
     fn write_migration_data(&self, stream: VfioDataStream, buf: &[u8]) -> Result<usize, VfioError>;
 }
@@ -429,39 +414,19 @@ pub trait VfioDriver: Send + Sync + 'static {
 pub trait VfioDriverDevice: Send + Sync {
     fn device_info(&self) -> VfioDeviceInfo;
     fn region_info(&self, index: u32) -> RResult<VfioRegionInfo, VfioError>;
-    fn region_read(
-        &self,
-        index: u32,
-        offset: u64,
-        data: RSliceMut<'_, u8>,
-    ) -> RResult<(), VfioError>;
-    fn region_write(&self, index: u32, offset: u64, data: RSlice<'_, u8>)
-        -> RResult<(), VfioError>;
+    fn region_read(&self, index: u32, offset: u64, data: RSliceMut<'_, u8>) -> RResult<(), VfioError>;
+    fn region_write(&self, index: u32, offset: u64, data: RSlice<'_, u8>) -> RResult<(), VfioError>;
     fn region_mmap(&self, index: u32) -> RResult<ROption<MemoryRegion>, VfioError>;
     fn irq_info(&self, index: u32) -> RResult<VfioIrqInfo, VfioError>;
-    fn set_irqs(
-        &self,
-        index: u32,
-        action: u32,
-        start: u32,
-        fds: RSlice<'_, i32>,
-    ) -> RResult<(), VfioError>;
+    fn set_irqs(&self, index: u32, action: u32, start: u32, fds: RSlice<'_, i32>) -> RResult<(), VfioError>;
     fn reset(&self) -> RResult<(), VfioError>;
     fn set_state(&self, target: u32) -> RResult<ROption<VfioDataStream>, VfioError>;
     fn get_state(&self) -> u32;
     fn stop_copy_size(&self) -> RResult<u64, VfioError>;
     fn precopy_info(&self, stream: VfioDataStream) -> RResult<VfioPrecopyInfo, VfioError>;
-    fn read_migration_data(
-        &self,
-        stream: VfioDataStream,
-        buf: RSliceMut<'_, u8>,
-    ) -> RResult<u64, VfioError>;
+    fn read_migration_data(&self, stream: VfioDataStream, buf: RSliceMut<'_, u8>) -> RResult<u64, VfioError>;
     #[sabi(last_prefix_field)]
-    fn write_migration_data(
-        &self,
-        stream: VfioDataStream,
-        buf: RSlice<'_, u8>,
-    ) -> RResult<u64, VfioError>;
+    fn write_migration_data(&self, stream: VfioDataStream, buf: RSlice<'_, u8>) -> RResult<u64, VfioError>;
 }
 
 /// The VFIO driver object type that crosses the ABI.

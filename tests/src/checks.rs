@@ -2,9 +2,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use dmhost_plugin_api::{
-    DeviceBox, DsmRequest, ErrorKind, PlugInfo, PluginError, RSlice, RSliceMut, RStr,
-};
+use dmhost_plugin_api::{DeviceBox, DsmRequest, ErrorKind, PlugInfo, PluginError, RSlice, RSliceMut, RStr};
 
 use crate::{
     fuzz::Rng,
@@ -149,11 +147,8 @@ fn memory_region(module: Target<'_>, kind: &str, config: &str) -> Check {
     let Some(region) = d.dev.memory_region().into_option() else {
         return Ok(());
     };
-    let backend = d
-        .dev
-        .backend_memory()
-        .into_option()
-        .ok_or("device has a guest region but no backend memory")?;
+    let backend =
+        d.dev.backend_memory().into_option().ok_or("device has a guest region but no backend memory")?;
     let (r, b) = (region.memory, backend);
     let page = 4096;
     if r.size == 0 || r.size % page != 0 || r.host_addr % page != 0 {
@@ -198,7 +193,9 @@ fn plug_unplug(module: Target<'_>, kind: &str, config: &str) -> Check {
     let info = PlugInfo { region_gpa: d.dev.memory_region().into_option().map(|_| SUITE_REGION_GPA).into() };
     match d.dev.plug(info).into_result() {
         Ok(()) => return Err("a second plug was accepted".into()),
-        Err(e) if e.kind == ErrorKind::Panicked => return Err(format!("second plug panicked: {}", e.message)),
+        Err(e) if e.kind == ErrorKind::Panicked => {
+            return Err(format!("second plug panicked: {}", e.message))
+        }
         Err(_) => {}
     }
     if d.dev.backend_memory().is_some() && d.host.state.lock().unwrap().ram.is_empty() {
@@ -234,7 +231,8 @@ fn save_all(dev: &mut DeviceBox) -> Result<Vec<Vec<u8>>, String> {
         }
     }
     dev.vm_state_changed(false).into_result().map_err(|x| e("vm_state_changed(false)", x))?;
-    let last = dev.save_live_complete_precopy().into_result().map_err(|x| e("save_live_complete_precopy", x))?;
+    let last =
+        dev.save_live_complete_precopy().into_result().map_err(|x| e("save_live_complete_precopy", x))?;
     sections.push(last.into_vec());
     dev.save_cleanup();
     Ok(sections)
@@ -266,21 +264,28 @@ fn migration_round_trip(module: Target<'_>, kind: &str, config: &str) -> Check {
     fresh.dev.load_setup().into_result().map_err(|x| e("load_setup", x))?;
     match fresh.dev.load_state(version + 1, RSlice::from(&last[..])).into_result() {
         Ok(()) => Err(format!("state version {} (newer than {version}) was accepted", version + 1)),
-        Err(err) if err.kind == ErrorKind::Panicked => Err(format!("newer version panicked: {}", err.message)),
+        Err(err) if err.kind == ErrorKind::Panicked => {
+            Err(format!("newer version panicked: {}", err.message))
+        }
         Err(_) => Ok(()),
     }
 }
 
 fn acpi_fragments(module: Target<'_>, kind: &str, config: &str) -> Check {
     let mut d = plugged(module, kind, config)?;
-    let nfit = d.dev.nfit_structures().into_result().map_err(|e| format!("nfit_structures: {}", err_text(&e)))?;
+    let nfit =
+        d.dev.nfit_structures().into_result().map_err(|e| format!("nfit_structures: {}", err_text(&e)))?;
     check_nfit(&nfit)?;
     d.dev.aml().into_result().map_err(|e| format!("aml: {}", err_text(&e)))?;
     for handle in d.dev.dsm_handles().into_vec() {
         let req = DsmRequest { handle, revision: 1, function: 0, arg3: Default::default() };
         let reply = d.dev.dsm(&req).into_result().map_err(|e| format!("dsm: {}", err_text(&e)))?;
         if reply.status != 0 || reply.data.is_empty() {
-            return Err(format!("_DSM function 0 on handle {handle:#x} gave status {} with {} bytes", reply.status, reply.data.len()));
+            return Err(format!(
+                "_DSM function 0 on handle {handle:#x} gave status {} with {} bytes",
+                reply.status,
+                reply.data.len()
+            ));
         }
     }
     Ok(())
@@ -327,7 +332,10 @@ fn untrusted_input(module: Target<'_>, kind: &str, config: &str) -> Check {
         let mut fresh = plugged(module, kind, config)?;
         let _ = fresh.dev.load_setup();
         let junk = rng.bytes(n);
-        panicked(&format!("load_state of {n} random bytes"), fresh.dev.load_state(version, RSlice::from(&junk[..])).into_result())?;
+        panicked(
+            &format!("load_state of {n} random bytes"),
+            fresh.dev.load_state(version, RSlice::from(&junk[..])).into_result(),
+        )?;
     }
     if d.dev.is_fenced() {
         return Err("device fenced itself during untrusted input".into());

@@ -22,7 +22,10 @@ pub fn check_nfit(buf: &[u8]) -> Result<(), String> {
             return Err(format!("unknown NFIT sub-structure type {ty} at {off}"));
         }
         if len < 4 || off + len as usize > buf.len() {
-            return Err(format!("sub-structure type {ty} at {off} has length {len}, buffer has {}", buf.len() - off));
+            return Err(format!(
+                "sub-structure type {ty} at {off} has length {len}, buffer has {}",
+                buf.len() - off
+            ));
         }
         if let Some(want) = fixed_len(ty) {
             if len != want {

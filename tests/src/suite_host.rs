@@ -16,8 +16,7 @@ use dmhost_plugin_api::{
         sabi_trait::TD_Opaque,
         std_types::{RArc, RResult, RSlice, RSliceMut, RStr},
     },
-    Host, HostServices, HostServices_TO, IoSpace, MemoryRegion, PluginError, PluginModule_Ref,
-    VfioDriverBox,
+    Host, HostServices, HostServices_TO, IoSpace, MemoryRegion, PluginError, PluginModule_Ref, VfioDriverBox,
 };
 
 /// Guest-physical base the suite plugs device regions at.

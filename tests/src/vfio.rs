@@ -22,11 +22,8 @@
 use std::time::{Duration, Instant};
 
 use dmhost_plugin_api::{
-    vfio::{
-        arc_opens_stream, is_arc, next_state, VFIO_MIGRATION_PRE_COPY, VFIO_PCI_CONFIG_REGION_INDEX,
-    },
-    MigState, PluginModule_Ref, RSlice, RSliceMut, VfioDataStream, VfioDriverBox, VfioDriverInfo,
-    VfioError,
+    vfio::{arc_opens_stream, is_arc, next_state, VFIO_MIGRATION_PRE_COPY, VFIO_PCI_CONFIG_REGION_INDEX},
+    MigState, PluginModule_Ref, RSlice, RSliceMut, VfioDataStream, VfioDriverBox, VfioDriverInfo, VfioError,
 };
 
 use crate::{checks::run, fuzz::Rng, suite_host::SuiteHost, CheckResult, Target};
@@ -61,18 +58,11 @@ pub fn run_all(t: Target<'_>) -> Vec<CheckResult> {
 }
 
 fn open(module: PluginModule_Ref, d: &VfioDriverInfo) -> Result<VfioDriverBox, String> {
-    let open = module
-        .open_vfio_driver()
-        .ok_or("library lists VFIO drivers but has no open_vfio_driver")?;
+    let open = module.open_vfio_driver().ok_or("library lists VFIO drivers but has no open_vfio_driver")?;
     let host = SuiteHost::new();
     open(d.name.as_rstr(), d.default_config.as_rstr(), host.host())
         .into_result()
-        .map_err(|e| {
-            format!(
-                "open {} with {}: {:?}: {}",
-                d.name, d.default_config, e.kind, e.message
-            )
-        })
+        .map_err(|e| format!("open {} with {}: {:?}: {}", d.name, d.default_config, e.kind, e.message))
 }
 
 fn e(what: &str, err: VfioError) -> String {
@@ -126,20 +116,14 @@ fn go(dev: &VfioDriverBox, to: MigState) -> Result<Option<VfioDataStream>, Strin
 }
 
 fn supported(flags: u64) -> Vec<MigState> {
-    MigState::ALL
-        .into_iter()
-        .filter(|s| s.supported(flags))
-        .collect()
+    MigState::ALL.into_iter().filter(|s| s.supported(flags)).collect()
 }
 
 fn info(module: PluginModule_Ref, d: &VfioDriverInfo) -> Check {
     let dev = open(module, d)?;
     let info = dev.device_info();
     if info.num_regions <= VFIO_PCI_CONFIG_REGION_INDEX {
-        return Err(format!(
-            "{} regions: no config space region",
-            info.num_regions
-        ));
+        return Err(format!("{} regions: no config space region", info.num_regions));
     }
     let cfg = dev
         .region_info(VFIO_PCI_CONFIG_REGION_INDEX)
@@ -149,17 +133,10 @@ fn info(module: PluginModule_Ref, d: &VfioDriverInfo) -> Check {
         return Err(format!("config space region is {} bytes", cfg.size));
     }
     let mut ids = [0u8; 4];
-    dev.region_read(
-        VFIO_PCI_CONFIG_REGION_INDEX,
-        0,
-        RSliceMut::from(&mut ids[..]),
-    )
-    .into_result()
-    .map_err(|x| e("config read", x))?;
-    let (v, dv) = (
-        u16::from_le_bytes([ids[0], ids[1]]),
-        u16::from_le_bytes([ids[2], ids[3]]),
-    );
+    dev.region_read(VFIO_PCI_CONFIG_REGION_INDEX, 0, RSliceMut::from(&mut ids[..]))
+        .into_result()
+        .map_err(|x| e("config read", x))?;
+    let (v, dv) = (u16::from_le_bytes([ids[0], ids[1]]), u16::from_le_bytes([ids[2], ids[3]]));
     if (v, dv) != (d.vendor_id, d.device_id) {
         return Err(format!(
             "config space says {v:04x}:{dv:04x}, driver info {:04x}:{:04x}",
@@ -167,30 +144,18 @@ fn info(module: PluginModule_Ref, d: &VfioDriverInfo) -> Check {
         ));
     }
     for i in 0..info.num_irqs {
-        dev.irq_info(i)
-            .into_result()
-            .map_err(|x| e(&format!("irq_info({i})"), x))?;
+        dev.irq_info(i).into_result().map_err(|x| e(&format!("irq_info({i})"), x))?;
     }
     if dev.region_info(info.num_regions + 3).is_ok() || dev.irq_info(u32::MAX).is_ok() {
         return Err("out-of-range region/irq index accepted".into());
     }
     let mut b = [0u8; 4];
-    if dev
-        .region_read(
-            VFIO_PCI_CONFIG_REGION_INDEX,
-            cfg.size - 2,
-            RSliceMut::from(&mut b[..]),
-        )
-        .is_ok()
-    {
+    if dev.region_read(VFIO_PCI_CONFIG_REGION_INDEX, cfg.size - 2, RSliceMut::from(&mut b[..])).is_ok() {
         return Err("config read past the end of the region accepted".into());
     }
     if info.migration_flags != 0 {
         if info.migration_flags & 1 == 0 {
-            return Err(format!(
-                "migration flags {:#x} lack STOP_COPY",
-                info.migration_flags
-            ));
+            return Err(format!("migration flags {:#x} lack STOP_COPY", info.migration_flags));
         }
         if state(&dev)? != MigState::Running {
             return Err(format!("a new device is {}, not RUNNING", state(&dev)?));
@@ -230,9 +195,7 @@ fn arcs(module: PluginModule_Ref, d: &VfioDriverInfo) -> Check {
                 Err(_) if (from, to) == (MigState::Resuming, MigState::Stop) => {}
                 Err(x) if legal => return Err(e(&format!("legal arc {from} -> {to}"), x)),
                 Ok(_) => {
-                    return Err(format!(
-                        "{from} -> {to} is not an arc for flags {flags:#x} but was accepted"
-                    ))
+                    return Err(format!("{from} -> {to} is not an arc for flags {flags:#x} but was accepted"))
                 }
                 Err(x) => {
                     panicked(&format!("{from} -> {to}"), &x)?;
@@ -260,32 +223,17 @@ fn data_states(module: PluginModule_Ref, d: &VfioDriverInfo) -> Check {
         let current = opened.or(if s.has_stream() { last } else { None });
         for stream in [Some(bogus), last, current].into_iter().flatten() {
             let is_current = Some(stream) == current && s.has_stream();
-            let read = dev
-                .read_migration_data(stream, RSliceMut::from(&mut buf[..]))
-                .into_result();
-            let write = dev
-                .write_migration_data(stream, RSlice::from(&buf[..0]))
-                .into_result();
+            let read = dev.read_migration_data(stream, RSliceMut::from(&mut buf[..])).into_result();
+            let write = dev.write_migration_data(stream, RSlice::from(&buf[..0])).into_result();
             let info = dev.precopy_info(stream).into_result();
             if !(is_current && s.is_saving()) && read.is_ok() {
-                return Err(format!(
-                    "read accepted in {s} (session {} current {is_current})",
-                    stream.id
-                ));
+                return Err(format!("read accepted in {s} (session {} current {is_current})", stream.id));
             }
             if !(is_current && s == MigState::Resuming) && write.is_ok() {
-                return Err(format!(
-                    "write accepted in {s} (session {} current {is_current})",
-                    stream.id
-                ));
+                return Err(format!("write accepted in {s} (session {} current {is_current})", stream.id));
             }
-            if !(is_current && matches!(s, MigState::PreCopy | MigState::PreCopyP2p))
-                && info.is_ok()
-            {
-                return Err(format!(
-                    "precopy info accepted in {s} (session {})",
-                    stream.id
-                ));
+            if !(is_current && matches!(s, MigState::PreCopy | MigState::PreCopyP2p)) && info.is_ok() {
+                return Err(format!("precopy info accepted in {s} (session {})", stream.id));
             }
         }
         if s.has_stream() {
@@ -304,27 +252,16 @@ fn drain_precopy(dev: &VfioDriverBox, s: VfioDataStream) -> Result<Vec<u8>, Stri
     let mut last_initial = u64::MAX;
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
-        let info = dev
-            .precopy_info(s)
-            .into_result()
-            .map_err(|x| e("precopy_info", x))?;
+        let info = dev.precopy_info(s).into_result().map_err(|x| e("precopy_info", x))?;
         if info.initial_bytes >= SANE || info.dirty_bytes >= SANE {
             return Err(format!("implausible pre-copy sizes (underflow?): {info:?}"));
         }
         if info.initial_bytes > last_initial {
-            return Err(format!(
-                "initial_bytes grew from {last_initial} to {}",
-                info.initial_bytes
-            ));
+            return Err(format!("initial_bytes grew from {last_initial} to {}", info.initial_bytes));
         }
         last_initial = info.initial_bytes;
-        match dev
-            .read_migration_data(s, RSliceMut::from(&mut buf[..]))
-            .into_result()
-        {
-            Ok(0) => {
-                return Err("PRE_COPY read returned 0 (end of stream) instead of ENOMSG".into())
-            }
+        match dev.read_migration_data(s, RSliceMut::from(&mut buf[..])).into_result() {
+            Ok(0) => return Err("PRE_COPY read returned 0 (end of stream) instead of ENOMSG".into()),
             Ok(n) => out.extend_from_slice(&buf[..n as usize]),
             Err(x) if x.is_no_data() => return Ok(out),
             Err(x) => return Err(e("PRE_COPY read", x)),
@@ -337,29 +274,19 @@ fn drain_stop_copy(dev: &VfioDriverBox, s: VfioDataStream) -> Result<Vec<u8>, St
     let mut out = Vec::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        match dev
-            .read_migration_data(s, RSliceMut::from(&mut buf[..]))
-            .into_result()
-        {
+        match dev.read_migration_data(s, RSliceMut::from(&mut buf[..])).into_result() {
             Ok(0) => break,
             Ok(n) => out.extend_from_slice(&buf[..n as usize]),
-            Err(x) if x.is_no_data() => {
-                return Err("ENOMSG in STOP_COPY (not allowed by the uAPI)".into())
-            }
+            Err(x) if x.is_no_data() => return Err("ENOMSG in STOP_COPY (not allowed by the uAPI)".into()),
             Err(x) => return Err(e("STOP_COPY read", x)),
         }
         if out.len() as u64 > 16 << 30 {
             return Err("STOP_COPY stream does not end".into());
         }
     }
-    match dev
-        .read_migration_data(s, RSliceMut::from(&mut buf[..]))
-        .into_result()
-    {
+    match dev.read_migration_data(s, RSliceMut::from(&mut buf[..])).into_result() {
         Ok(0) => Ok(out),
-        other => Err(format!(
-            "read after STOP_COPY end of stream gave {other:?}, not 0"
-        )),
+        other => Err(format!("read after STOP_COPY end of stream gave {other:?}, not 0")),
     }
 }
 
@@ -379,9 +306,7 @@ fn precopy(module: PluginModule_Ref, d: &VfioDriverInfo) -> Check {
         return Err(format!("implausible stop-copy size {size}"));
     }
     if go(&dev, MigState::StopCopy)?.is_some() {
-        return Err(
-            "PRE_COPY -> STOP_COPY opened a new session (it must continue the old one)".into(),
-        );
+        return Err("PRE_COPY -> STOP_COPY opened a new session (it must continue the old one)".into());
     }
     if dev.precopy_info(s).is_ok() {
         return Err("precopy info accepted in STOP_COPY".into());
@@ -410,17 +335,13 @@ fn save(dev: &VfioDriverBox) -> Result<Vec<u8>, String> {
 fn load(dev: &VfioDriverBox, data: &[u8], chunk: usize) -> Result<(), String> {
     let r = go(dev, MigState::Resuming)?.ok_or("STOP -> RESUMING opened no session")?;
     for c in data.chunks(chunk) {
-        let n = dev
-            .write_migration_data(r, RSlice::from(c))
-            .into_result()
-            .map_err(|x| e("resume write", x))?;
+        let n =
+            dev.write_migration_data(r, RSlice::from(c)).into_result().map_err(|x| e("resume write", x))?;
         if n as usize != c.len() {
             return Err(format!("resume write took {n} of {} bytes", c.len()));
         }
     }
-    dev.set_state(MigState::Stop.raw())
-        .into_result()
-        .map_err(|x| e("RESUMING -> STOP", x))?;
+    dev.set_state(MigState::Stop.raw()).into_result().map_err(|x| e("RESUMING -> STOP", x))?;
     Ok(())
 }
 
@@ -440,9 +361,7 @@ fn resume(module: PluginModule_Ref, d: &VfioDriverInfo) -> Check {
     let dst = open(module, d)?;
     load(&dst, &stream, 4093)?;
     if stop_copy_of(&src)? != stop_copy_of(&dst)? {
-        return Err(
-            "after resume, the destination's STOP_COPY stream differs from the source's".into(),
-        );
+        return Err("after resume, the destination's STOP_COPY stream differs from the source's".into());
     }
     // A truncated stream must not load.
     let bad = open(module, d)?;
@@ -451,9 +370,7 @@ fn resume(module: PluginModule_Ref, d: &VfioDriverInfo) -> Check {
         Err(msg) if msg.contains("panicked") => return Err(msg),
         Err(_) => {}
     }
-    bad.reset()
-        .into_result()
-        .map_err(|x| e("reset after failed resume", x))?;
+    bad.reset().into_result().map_err(|x| e("reset after failed resume", x))?;
     if state(&bad)? != MigState::Running {
         return Err(format!("reset left the device {}", state(&bad)?));
     }
@@ -467,19 +384,13 @@ fn untrusted(module: PluginModule_Ref, d: &VfioDriverInfo) -> Check {
     for i in 0..2000 {
         let index = rng.below(u64::from(info.num_regions) + 2) as u32;
         let len = [1usize, 2, 4, 8][rng.below(4) as usize];
-        let offset = if rng.below(4) == 0 {
-            rng.next_u64()
-        } else {
-            rng.below(8192)
-        };
+        let offset = if rng.below(4) == 0 { rng.next_u64() } else { rng.below(8192) };
         let data = rng.bytes(len);
         let mut buf = vec![0u8; len];
         let r = if i % 2 == 0 {
-            dev.region_read(index, offset, RSliceMut::from(&mut buf[..]))
-                .into_result()
+            dev.region_read(index, offset, RSliceMut::from(&mut buf[..])).into_result()
         } else {
-            dev.region_write(index, offset, RSlice::from(&data[..]))
-                .into_result()
+            dev.region_write(index, offset, RSlice::from(&data[..])).into_result()
         };
         if let Err(x) = r {
             panicked(&format!("region access #{i}"), &x)?;
@@ -491,10 +402,7 @@ fn untrusted(module: PluginModule_Ref, d: &VfioDriverInfo) -> Check {
             dev.reset().into_result().map_err(|x| e("reset", x))?;
             let r = go(&dev, MigState::Resuming)?.ok_or("no resume session")?;
             let junk = rng.bytes(n);
-            if let Err(x) = dev
-                .write_migration_data(r, RSlice::from(&junk[..]))
-                .into_result()
-            {
+            if let Err(x) = dev.write_migration_data(r, RSlice::from(&junk[..])).into_result() {
                 panicked("junk migration data", &x)?;
             }
             if let Err(x) = dev.set_state(MigState::Stop.raw()).into_result() {

@@ -46,7 +46,11 @@ fn call(device: &HostDevice, req: &DsmRequest, log: &RateLimiter) -> DsmReply {
     };
     result.unwrap_or_else(|e| {
         log.log(|suppressed| {
-            log::warn!("ACPI: device {} _DSM function {} failed: {e} ({suppressed} suppressed)", device.id, req.function)
+            log::warn!(
+                "ACPI: device {} _DSM function {} failed: {e} ({suppressed} suppressed)",
+                device.id,
+                req.function
+            )
         });
         DsmReply::status(DsmReply::UNSUPPORTED)
     })
@@ -110,7 +114,12 @@ mod tests {
         let (mut fit, handles, log) = setup();
         let r = serve(&page(1, 4, &[]), &mut fit, &handles, &log);
         assert_eq!(r, [16, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0xa0, 0x0f, 0, 0]);
-        let r = serve(&page(1, 5, &[[16u32.to_le_bytes(), 4u32.to_le_bytes()].concat(), vec![]].concat()), &mut fit, &handles, &log);
+        let r = serve(
+            &page(1, 5, &[[16u32.to_le_bytes(), 4u32.to_le_bytes()].concat(), vec![]].concat()),
+            &mut fit,
+            &handles,
+            &log,
+        );
         assert_eq!(r, [12, 0, 0, 0, 0, 0, 0, 0, 16, 17, 18, 19]);
         // Unknown handle: no such device; the FIT is served by the host.
         assert_eq!(serve(&page(9, 4, &[]), &mut fit, &handles, &log), [8, 0, 0, 0, 2, 0, 0, 0]);

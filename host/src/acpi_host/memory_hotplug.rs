@@ -25,10 +25,10 @@
 
 use acpi_tables::{
     aml::{
-        Acquire, AddressSpace, AddressSpaceCacheable, Add, Arg, Device, EISAName, Equal,
-        FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If, LessThan, Local, Method,
-        MethodCall, Mutex, Name, Or, OpRegion, OpRegionSpace, Path, Release, ResourceTemplate,
-        Return, ShiftLeft, Store, Subtract, CreateQWordField, IO, ONE, ZERO,
+        Acquire, Add, AddressSpace, AddressSpaceCacheable, Arg, CreateQWordField, Device, EISAName, Equal,
+        FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If, LessThan, Local, Method, MethodCall,
+        Mutex, Name, OpRegion, OpRegionSpace, Or, Path, Release, ResourceTemplate, Return, ShiftLeft, Store,
+        Subtract, IO, ONE, ZERO,
     },
     Aml,
 };
@@ -159,7 +159,9 @@ impl MemoryHotplug {
             REG_PROXIMITY => s.node,
             REG_FLAGS => {
                 let mut f = 0u8;
-                for (on, bit) in [(s.enabled, FLAG_ENABLED), (s.inserting, FLAG_INSERT), (s.removing, FLAG_REMOVE)] {
+                for (on, bit) in
+                    [(s.enabled, FLAG_ENABLED), (s.inserting, FLAG_INSERT), (s.removing, FLAG_REMOVE)]
+                {
                     if on {
                         f |= bit;
                     }
@@ -313,7 +315,13 @@ fn mcrs() -> Raw {
     let acquire = Acquire::new("MLCK".into(), 0xffff);
     let msel = Path::new("MSEL");
     let sel = Store::new(&msel, &Arg(0));
-    let mem = AddressSpace::<u64>::new_memory(AddressSpaceCacheable::Cacheable, true, 0, 0xffff_ffff_ffff_fffe, None);
+    let mem = AddressSpace::<u64>::new_memory(
+        AddressSpaceCacheable::Cacheable,
+        true,
+        0,
+        0xffff_ffff_ffff_fffe,
+        None,
+    );
     let tmpl = ResourceTemplate::new(vec![&mem]);
     let mr64 = Name::new("MR64".into(), &tmpl);
     let p = |s: &str| Path::new(s);
@@ -340,8 +348,8 @@ fn mcrs() -> Raw {
         1,
         true,
         vec![
-            &acquire, &sel, &mr64, &c_min, &c_max, &c_len, &hi_b, &base, &hi_l, &len, &end, &max,
-            &if_empty, &release, &ret,
+            &acquire, &sel, &mr64, &c_min, &c_max, &c_len, &hi_b, &base, &hi_l, &len, &end, &max, &if_empty,
+            &release, &ret,
         ],
     )])
 }

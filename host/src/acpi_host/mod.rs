@@ -96,7 +96,12 @@ pub struct AcpiDevice {
 
 impl AcpiDevice {
     /// Ask a device (plugin or built-in) for its ACPI parts.
-    pub fn query(id: &str, kind: &str, region: Option<(u64, u64)>, imp: &DeviceImpl) -> Result<Self, AcpiHostError> {
+    pub fn query(
+        id: &str,
+        kind: &str,
+        region: Option<(u64, u64)>,
+        imp: &DeviceImpl,
+    ) -> Result<Self, AcpiHostError> {
         let err = |what| move |source| AcpiHostError::Device { id: id.to_owned(), what, source };
         let (nfit, aml, dsm_handles) = match imp {
             DeviceImpl::Plugin(d) => (
@@ -123,7 +128,11 @@ pub struct BuiltTables {
 }
 
 /// Build the whole table set for `devices` at [`ACPI_GPA`].
-pub fn build_tables(devices: &[AcpiDevice], vcpus: u32, config: &AcpiConfig) -> Result<BuiltTables, AcpiHostError> {
+pub fn build_tables(
+    devices: &[AcpiDevice],
+    vcpus: u32,
+    config: &AcpiConfig,
+) -> Result<BuiltTables, AcpiHostError> {
     let sb = memory_hotplug::aml(config.memory_slots);
     let mut set = TableSet::new(tables::dsdt(&sb, Some(DSM_PAGE_GPA)));
     set.add(tables::madt(&tables::MadtConfig::with_cpus(vcpus.clamp(1, 255) as u8)));
@@ -140,7 +149,8 @@ pub fn build_tables(devices: &[AcpiDevice], vcpus: u32, config: &AcpiConfig) -> 
         table_id.copy_from_slice(&id.as_bytes()[..8]);
         set.add(tables::ssdt(table_id, scope, std::slice::from_ref(&d.aml)));
     }
-    let mut structures: Vec<Vec<u8>> = devices.iter().filter(|d| !d.nfit.is_empty()).map(|d| d.nfit.clone()).collect();
+    let mut structures: Vec<Vec<u8>> =
+        devices.iter().filter(|d| !d.nfit.is_empty()).map(|d| d.nfit.clone()).collect();
     if !structures.is_empty() {
         structures.push(tables::nfit_platform_capabilities(config.nfit_platform_capabilities));
         set.add(tables::nfit(&structures));
@@ -197,7 +207,9 @@ impl AcpiHost {
         vm.ram().write(DSM_PAGE_GPA, &[0u8; dmhost_acpi::nvdimm::DSM_PAGE_SIZE]).map_err(GuestError::from)?;
         let dev = Arc::clone(&host) as Arc<dyn BusDevice>;
         vm.bus().insert(IoSpace::Pio, MHP_PORT.into(), MHP_LEN.into(), BUS_OWNER, Arc::clone(&dev))?;
-        if let Err(e) = vm.bus().insert(IoSpace::Pio, DSM_DOORBELL_PORT.into(), DSM_DOORBELL_LEN.into(), BUS_OWNER, dev) {
+        if let Err(e) =
+            vm.bus().insert(IoSpace::Pio, DSM_DOORBELL_PORT.into(), DSM_DOORBELL_LEN.into(), BUS_OWNER, dev)
+        {
             vm.bus().remove_owner(BUS_OWNER);
             return Err(e.into());
         }
@@ -248,7 +260,12 @@ impl AcpiHost {
         for (d, dev) in &devices {
             for &h in &d.dsm_handles {
                 if let Some(other) = handles.insert(h, Arc::clone(dev)) {
-                    log::warn!("ACPI: NFIT handle {h:#x} of {} is also {}'s; {} serves it", d.id, other.id, d.id);
+                    log::warn!(
+                        "ACPI: NFIT handle {h:#x} of {} is also {}'s; {} serves it",
+                        d.id,
+                        other.id,
+                        d.id
+                    );
                 }
             }
             if let (MEMORY_DEVICE_KIND, Some((base, size))) = (d.kind.as_str(), d.region) {
@@ -293,7 +310,8 @@ impl AcpiHost {
 
     fn guest_note(&self, msg: impl FnOnce() -> String) {
         self.guest_log.log(|suppressed| {
-            let more = if suppressed > 0 { format!(" ({suppressed} more suppressed)") } else { String::new() };
+            let more =
+                if suppressed > 0 { format!(" ({suppressed} more suppressed)") } else { String::new() };
             log::warn!("ACPI: {}{more}", msg())
         });
     }
@@ -306,7 +324,9 @@ impl AcpiHost {
         let written = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
         if u64::from(written) != DSM_PAGE_GPA {
             // QEMU trusts this value; the host uses its own page.
-            self.guest_note(|| format!("DSM doorbell rung with {written:#x}; serving the page at {DSM_PAGE_GPA:#x}"));
+            self.guest_note(|| {
+                format!("DSM doorbell rung with {written:#x}; serving the page at {DSM_PAGE_GPA:#x}")
+            });
         }
         let Some(vm) = self.vm.upgrade() else { return };
         let mut page = vec![0u8; dmhost_acpi::nvdimm::DSM_PAGE_SIZE];
@@ -372,7 +392,14 @@ mod tests {
         let devs = [
             nvdimm_like("a", 1),
             nvdimm_like("b", 2),
-            AcpiDevice { id: "p".into(), kind: "pc-dimm".into(), region: None, nfit: vec![], aml: vec![], dsm_handles: vec![] },
+            AcpiDevice {
+                id: "p".into(),
+                kind: "pc-dimm".into(),
+                region: None,
+                nfit: vec![],
+                aml: vec![],
+                dsm_handles: vec![],
+            },
         ];
         let config = AcpiConfig { memory_slots: 4, nfit_platform_capabilities: 3 };
         let t = build_tables(&devs, 2, &config).unwrap();

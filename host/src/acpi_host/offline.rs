@@ -5,8 +5,8 @@
 
 use dmhost_plugin_api::{
     abi_stable::{sabi_trait::TD_Opaque, std_types::RArc},
-    Host, HostServices, HostServices_TO, IoSpace, MemoryRegion, PlugInfo, PluginError, RResult, RSlice, RSliceMut,
-    RStr,
+    Host, HostServices, HostServices_TO, IoSpace, MemoryRegion, PlugInfo, PluginError, RResult, RSlice,
+    RSliceMut, RStr,
 };
 
 use super::{build_tables, AcpiDevice, AcpiHostError, BuiltTables};
@@ -78,7 +78,10 @@ fn offline_host() -> Host {
 }
 
 /// The tables `config` gets at boot.
-pub fn tables_for_config(config: &VmFileConfig, factory: &dyn DeviceFactory) -> Result<BuiltTables, OfflineError> {
+pub fn tables_for_config(
+    config: &VmFileConfig,
+    factory: &dyn DeviceFactory,
+) -> Result<BuiltTables, OfflineError> {
     let mut physmap = Physmap::new(HOTPLUG_BASE, HOTPLUG_END);
     physmap
         .claim(0, config.ram_size, Owner::Host, RangeUse::Ram)
@@ -86,9 +89,9 @@ pub fn tables_for_config(config: &VmFileConfig, factory: &dyn DeviceFactory) -> 
     let mut devices = Vec::new();
     let mut views = Vec::new();
     for d in &config.devices {
-        let mut imp = factory.create(&d.kind, &d.id, &d.config, offline_host()).map_err(|source| {
-            OfflineError::Create { id: d.id.clone(), kind: d.kind.clone(), source }
-        })?;
+        let mut imp = factory
+            .create(&d.kind, &d.id, &d.config, offline_host())
+            .map_err(|source| OfflineError::Create { id: d.id.clone(), kind: d.kind.clone(), source })?;
         let mut region = None;
         if let Some(r) = imp.memory_region() {
             let place = |pm: &mut Physmap| {
@@ -96,7 +99,8 @@ pub fn tables_for_config(config: &VmFileConfig, factory: &dyn DeviceFactory) -> 
                 pm.claim(gpa, r.memory.size, Owner::Device(d.id.clone()), RangeUse::DeviceMemory)?;
                 Ok(gpa)
             };
-            let gpa = place(&mut physmap).map_err(|source| OfflineError::Place { id: d.id.clone(), source })?;
+            let gpa =
+                place(&mut physmap).map_err(|source| OfflineError::Place { id: d.id.clone(), source })?;
             region = Some((gpa, r.memory.size));
         }
         imp.plug(PlugInfo { region_gpa: region.map(|(g, _)| g).into() })

@@ -87,8 +87,10 @@ pub fn run(args: MigrateArgs) -> CliResult {
     let mut postcopy_asked = false;
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {msg:12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {elapsed}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{spinner} {msg:12} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {elapsed}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let last = loop {
         let q = c.execute("query-migrate", json!({}))?;
@@ -130,7 +132,10 @@ pub fn run(args: MigrateArgs) -> CliResult {
     let status = last["status"].as_str().unwrap_or("?");
     println!(
         "migration {status}: {} bytes in {} ms, {} rounds, downtime {} ms",
-        ram["transferred"], last["total-time"], last["round"], last.get("downtime").cloned().unwrap_or(Value::Null)
+        ram["transferred"],
+        last["total-time"],
+        last["round"],
+        last.get("downtime").cloned().unwrap_or(Value::Null)
     );
     if let Some(pc) = last.get("postcopy") {
         println!("post-copy: {} pages requested by the destination", pc["postcopy-requests"]);

@@ -34,7 +34,13 @@ fn list(extra_dirs: &[PathBuf], verbose: u8) -> CliResult {
     let (registry, errors) = PluginRegistry::discover(&dirs);
     let elapsed = start.elapsed();
     for p in registry.plugins() {
-        println!("{:<12} {:<8} kinds={:<20} {}", p.name, p.version, p.kind_names().join(","), p.path.display());
+        println!(
+            "{:<12} {:<8} kinds={:<20} {}",
+            p.name,
+            p.version,
+            p.kind_names().join(","),
+            p.path.display()
+        );
         for d in &p.vfio_drivers {
             println!("{:>12} vfio driver {} ({:04x}:{:04x})", "", d.name, d.vendor_id, d.device_id);
         }

@@ -7,8 +7,8 @@
 //! does: `NCAL`'s page writes and doorbell, `MSTA`/`MCRS`'s register reads.
 
 use super::{
-    asm::*, GuestError, GuestProgram, ACPI_END, ACPI_GPA, BOOT_INFO_DSM_PAGE, BOOT_INFO_MAGIC, BOOT_INFO_MHP_PORT,
-    BOOT_INFO_MHP_SLOTS, BOOT_INFO_RSDP,
+    asm::*, GuestError, GuestProgram, ACPI_END, ACPI_GPA, BOOT_INFO_DSM_PAGE, BOOT_INFO_MAGIC,
+    BOOT_INFO_MHP_PORT, BOOT_INFO_MHP_SLOTS, BOOT_INFO_RSDP,
 };
 
 /// `r12` at entry selects what `nvdimm-acpi` does.
@@ -367,7 +367,14 @@ pub fn nvdimm_acpi() -> Result<GuestProgram, GuestError> {
         print(a, "nvdimm-acpi: label write/read ok\n")?;
         // Out of bounds: each must be status 3 (invalid input).
         let past = f.get(a, 23, "offset past the label area not refused");
-        expect_invalid(a, dsm, 5, |a| a.mov(dword_ptr(r14 + 12), ebp), |a| a.mov(dword_ptr(r14 + 16), 8u32), past)?;
+        expect_invalid(
+            a,
+            dsm,
+            5,
+            |a| a.mov(dword_ptr(r14 + 12), ebp),
+            |a| a.mov(dword_ptr(r14 + 16), 8u32),
+            past,
+        )?;
         let wrap = f.get(a, 24, "offset+length overflow not refused");
         expect_invalid(
             a,

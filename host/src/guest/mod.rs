@@ -172,8 +172,8 @@ impl GuestProgram {
 pub struct RegPreset(pub BTreeMap<String, u64>);
 
 pub const PRESET_REGS: &[&str] = &[
-    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13",
-    "r14", "r15",
+    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11", "r12", "r13", "r14",
+    "r15",
 ];
 
 impl RegPreset {

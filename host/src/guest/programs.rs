@@ -4,8 +4,19 @@
 use super::{asm::*, GuestError, GuestProgram, BOOT_INFO_ENTRIES, BOOT_INFO_MAGIC};
 
 /// Names of the built-in programs.
-pub const NAMES: &[&str] =
-    &["demo", "fill-idle", "hello", "hotplug", "idle", "memory-hotplug", "migrate-verify", "mmio-loop", "nvdimm-acpi", "vfio-demo", "vfio-verify"];
+pub const NAMES: &[&str] = &[
+    "demo",
+    "fill-idle",
+    "hello",
+    "hotplug",
+    "idle",
+    "memory-hotplug",
+    "migrate-verify",
+    "mmio-loop",
+    "nvdimm-acpi",
+    "vfio-demo",
+    "vfio-verify",
+];
 
 /// The multiplier of the demo pattern (qword `i` holds `i * DEMO_MULT`).
 pub const DEMO_MULT: u64 = 0x9E37_79B9_7F4A_7C15;

@@ -63,20 +63,12 @@ fn rate(bytes: u64, d: Duration) -> f64 {
 
 impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "migration stream, {} MiB of non-zero pages (MB/s):",
-            self.bytes >> 20
-        )?;
+        writeln!(f, "migration stream, {} MiB of non-zero pages (MB/s):", self.bytes >> 20)?;
         writeln!(f, "  crc32c                       {:>9.0}", self.crc32c)?;
         writeln!(f, "  zero-page check (zero pages) {:>9.0}", self.zero_check)?;
         writeln!(f, "  encode, in memory            {:>9.0}", self.encode_mem)?;
         writeln!(f, "  decode, in memory            {:>9.0}", self.decode_mem)?;
-        writeln!(
-            f,
-            "  tcp baseline: io::copy       {:>9.0}",
-            self.tcp_io_copy
-        )?;
+        writeln!(f, "  tcp baseline: io::copy       {:>9.0}", self.tcp_io_copy)?;
         writeln!(f, "  tcp baseline: read_exact     {:>9.0}", self.tcp_raw)?;
         writeln!(
             f,
@@ -86,11 +78,7 @@ impl fmt::Display for BenchReport {
             self.tcp_stream / self.tcp_raw,
             self.tcp_stream / 170.0
         )?;
-        write!(
-            f,
-            "  unix stream                  {:>9.0}",
-            self.unix_stream
-        )
+        write!(f, "  unix stream                  {:>9.0}", self.unix_stream)
     }
 }
 
@@ -107,10 +95,7 @@ pub fn run(total: u64, block: usize) -> Result<BenchReport, BenchError> {
     let config = ConfigSection {
         ram_size: block as u64,
         vcpus: 1,
-        ram_blocks: vec![RamBlockInfo {
-            id: "ram0".into(),
-            size: block as u64,
-        }],
+        ram_blocks: vec![RamBlockInfo { id: "ram0".into(), size: block as u64 }],
         devices: vec![],
     };
 
@@ -125,10 +110,7 @@ pub fn run(total: u64, block: usize) -> Result<BenchReport, BenchError> {
     let zeros = vec![0u8; block];
     let t = Instant::now();
     for _ in 0..rounds {
-        let n = zeros
-            .chunks_exact(PAGE_SIZE)
-            .filter(|p| super::is_zero_page(p))
-            .count();
+        let n = zeros.chunks_exact(PAGE_SIZE).filter(|p| super::is_zero_page(p)).count();
         std::hint::black_box(n);
     }
     let zero_check = rate(bytes, t.elapsed());
@@ -154,10 +136,7 @@ pub fn run(total: u64, block: usize) -> Result<BenchReport, BenchError> {
     let decode_mem = rate(bytes, t.elapsed());
     check(&src, &mut dst)?;
 
-    let tcp = MigrationUri::Tcp {
-        host: "127.0.0.1".into(),
-        port: 0,
-    };
+    let tcp = MigrationUri::Tcp { host: "127.0.0.1".into(), port: 0 };
     let tcp_io_copy = over(
         &tcp,
         &src,

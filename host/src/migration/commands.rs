@@ -56,7 +56,11 @@ pub fn register(registry: &CommandRegistry, vm: Arc<Vm>) -> Arc<Progress> {
     registry.register("migrate-start-postcopy", move |_| {
         match p.status() {
             Status::Setup | Status::Active => {}
-            s => return Err(CommandError::generic(format!("post-copy can start only during pre-copy (status {s:?})").to_lowercase())),
+            s => {
+                return Err(CommandError::generic(
+                    format!("post-copy can start only during pre-copy (status {s:?})").to_lowercase(),
+                ))
+            }
         }
         let devs = super::machine::devices(&v);
         let params = p.params();
@@ -75,7 +79,9 @@ pub fn register(registry: &CommandRegistry, vm: Arc<Vm>) -> Arc<Progress> {
             _ => return Err(CommandError::generic("parameter 'uri' (a string) is missing")),
         };
         if p.status() != Status::PostcopyPaused {
-            return Err(CommandError::generic(format!("no post-copy migration is paused (status {:?})", p.status()).to_lowercase()));
+            return Err(CommandError::generic(
+                format!("no post-copy migration is paused (status {:?})", p.status()).to_lowercase(),
+            ));
         }
         let l = super::listen(&uri).map_err(CommandError::generic)?;
         let bound = l.uri().to_string();
@@ -105,20 +111,24 @@ pub fn register(registry: &CommandRegistry, vm: Arc<Vm>) -> Arc<Progress> {
     progress
 }
 
-fn parse_params(mut params: super::progress::Parameters, args: &Args) -> Result<super::progress::Parameters, CommandError> {
+fn parse_params(
+    mut params: super::progress::Parameters,
+    args: &Args,
+) -> Result<super::progress::Parameters, CommandError> {
     for (k, v) in args {
-        let n = v
-            .as_u64()
-            .ok_or_else(|| CommandError::generic(format!("parameter '{k}' must be a non-negative integer")))?;
+        let n = v.as_u64().ok_or_else(|| {
+            CommandError::generic(format!("parameter '{k}' must be a non-negative integer"))
+        })?;
         match k.as_str() {
             // QEMU's downtime-limit is in milliseconds.
             "downtime-limit" | "max-downtime" => params.max_downtime = Duration::from_millis(n),
             "max-bandwidth" => params.max_bandwidth = n,
             "max-postcopy-bandwidth" => params.max_postcopy_bandwidth = n,
             "max-rounds" | "x-max-rounds" => {
-                params.max_rounds = u32::try_from(n).ok().filter(|&r| r > 0).ok_or_else(|| {
-                    CommandError::generic("max-rounds must be between 1 and 2^32-1")
-                })?
+                params.max_rounds = u32::try_from(n)
+                    .ok()
+                    .filter(|&r| r > 0)
+                    .ok_or_else(|| CommandError::generic("max-rounds must be between 1 and 2^32-1"))?
             }
             other => return Err(CommandError::generic(format!("unknown migration parameter '{other}'"))),
         }
@@ -137,7 +147,12 @@ mod tests {
         let p = parse_params(base, &args).unwrap();
         assert_eq!(p.max_downtime, Duration::from_millis(20));
         assert_eq!(p.max_bandwidth, 1000);
-        for bad in [r#"{"max-rounds": 0}"#, r#"{"bogus": 1}"#, r#"{"max-bandwidth": -1}"#, r#"{"max-bandwidth": "x"}"#] {
+        for bad in [
+            r#"{"max-rounds": 0}"#,
+            r#"{"bogus": 1}"#,
+            r#"{"max-bandwidth": -1}"#,
+            r#"{"max-bandwidth": "x"}"#,
+        ] {
             let args: Args = serde_json::from_str(bad).unwrap();
             assert!(parse_params(base, &args).is_err(), "{bad}");
         }

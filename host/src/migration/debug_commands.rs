@@ -26,12 +26,17 @@ pub fn register(registry: &CommandRegistry, vm: Arc<Vm>) {
             .ok_or_else(|| CommandError::generic(format!("no RAM block {block:?}")))?;
         let num = |k: &str, default: u64| match args.get(k) {
             None => Ok(default),
-            Some(v) => v.as_u64().ok_or_else(|| CommandError::generic(format!("'{k}' must be a non-negative integer"))),
+            Some(v) => v
+                .as_u64()
+                .ok_or_else(|| CommandError::generic(format!("'{k}' must be a non-negative integer"))),
         };
         let offset = num("offset", 0)?;
         let length = num("length", b.size.saturating_sub(offset))?;
         let end = offset.checked_add(length).filter(|&e| e <= b.size).ok_or_else(|| {
-            CommandError::generic(format!("range {offset}+{length} is outside block {block:?} ({} bytes)", b.size))
+            CommandError::generic(format!(
+                "range {offset}+{length} is outside block {block:?} ({} bytes)",
+                b.size
+            ))
         })?;
         // SAFETY: the block is registered (we just listed it) and stays so
         // while the command runs on the control thread; a concurrently

@@ -99,10 +99,7 @@ impl<R: Read> StreamReader<R> {
         let major = le16(&h[8..10]);
         let minor = le16(&h[10..12]);
         if major != VERSION_MAJOR {
-            return Err(StreamError::UnsupportedMajor {
-                major,
-                supported: VERSION_MAJOR,
-            });
+            return Err(StreamError::UnsupportedMajor { major, supported: VERSION_MAJOR });
         }
         if minor > VERSION_MINOR {
             log::info!(
@@ -168,10 +165,7 @@ impl<R: Read> StreamReader<R> {
         self.guard(|r| r.read_ram_with_inner(batch, &mut sink))
     }
 
-    fn guard<T>(
-        &mut self,
-        f: impl FnOnce(&mut Self) -> Result<T, StreamError>,
-    ) -> Result<T, StreamError> {
+    fn guard<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, StreamError>) -> Result<T, StreamError> {
         if self.failed {
             return Err(StreamError::Order("the stream already failed"));
         }
@@ -183,9 +177,7 @@ impl<R: Read> StreamReader<R> {
     }
 
     fn fill(&mut self, buf: &mut [u8], what: &'static str) -> Result<(), StreamError> {
-        self.input
-            .read_exact(buf)
-            .map_err(|e| StreamError::read(e, what, self.offset))?;
+        self.input.read_exact(buf).map_err(|e| StreamError::read(e, what, self.offset))?;
         self.offset += buf.len() as u64;
         Ok(())
     }
@@ -205,10 +197,7 @@ impl<R: Read> StreamReader<R> {
             .map_err(|e| StreamError::read(e, what, self.offset))?;
         self.offset += n as u64;
         if n != len as usize {
-            return Err(StreamError::Truncated {
-                what,
-                offset: self.offset,
-            });
+            return Err(StreamError::Truncated { what, offset: self.offset });
         }
         Ok(v)
     }
@@ -228,12 +217,7 @@ impl<R: Read> StreamReader<R> {
     fn check_trailer(&mut self, ty: u8, at: At, computed: u32) -> Result<(), StreamError> {
         let stored = self.read_u32("section checksum")?;
         if stored != computed {
-            return Err(StreamError::Checksum {
-                name: section_name(ty),
-                at,
-                stored,
-                computed,
-            });
+            return Err(StreamError::Checksum { name: section_name(ty), at, stored, computed });
         }
         Ok(())
     }
@@ -243,18 +227,12 @@ impl<R: Read> StreamReader<R> {
             return Err(StreamError::AfterEnd);
         }
         if let Some(p) = self.pending.take() {
-            log::debug!(
-                "migration stream: skipping unread data of RAM batch ({})",
-                p.at
-            );
+            log::debug!("migration stream: skipping unread data of RAM batch ({})", p.at);
             let crc = self.skip(p.data_len, p.crc, "RAM page data")?;
             self.check_trailer(section_type::RAM, p.at, crc)?;
         }
         loop {
-            let at = At {
-                section: self.sections,
-                offset: self.offset,
-            };
+            let at = At { section: self.sections, offset: self.offset };
             let mut h = [0u8; SECTION_HEADER_LEN];
             self.fill(&mut h, "section header")?;
             if crc32c::crc32c(&h[..8]) != le32(&h[8..12]) {
@@ -286,11 +264,7 @@ impl<R: Read> StreamReader<R> {
             match (ty, &self.config) {
                 (section_type::CONFIG, Some(_)) => return Err(StreamError::DuplicateConfig { at }),
                 (section_type::CONFIG, None) => {}
-                (_, None) => {
-                    return Err(StreamError::ConfigNotFirst {
-                        found: section_name(ty),
-                    })
-                }
+                (_, None) => return Err(StreamError::ConfigNotFirst { found: section_name(ty) }),
                 _ => {}
             }
             self.check_phase(ty, at)?;
@@ -308,7 +282,9 @@ impl<R: Read> StreamReader<R> {
                     return self.parse(ty, &payload);
                 }
                 _ => {
-                    log::debug!("migration stream: skipping unknown section type {ty:#04x} ({at}, {len} bytes)");
+                    log::debug!(
+                        "migration stream: skipping unknown section type {ty:#04x} ({at}, {len} bytes)"
+                    );
                     let crc = self.skip(u64::from(len), 0, "skippable section")?;
                     self.check_trailer(ty, at, crc)?;
                 }
@@ -340,7 +316,9 @@ impl<R: Read> StreamReader<R> {
             }
             (section_type::POSTCOPY_RESUME, _) => refuse("resume must directly follow the configuration"),
             (section_type::RAM, Phase::Pending) => refuse("RAM between post-copy pending and run"),
-            (section_type::DEVICE | section_type::VCPU, Phase::Postcopy) => refuse("the guest already runs on the destination"),
+            (section_type::DEVICE | section_type::VCPU, Phase::Postcopy) => {
+                refuse("the guest already runs on the destination")
+            }
             (section_type::END, Phase::Pending) => refuse("post-copy was announced but never started"),
             _ => Ok(()),
         }
@@ -352,11 +330,7 @@ impl<R: Read> StreamReader<R> {
     }
 
     fn parse(&mut self, ty: u8, payload: &[u8]) -> Result<Section, StreamError> {
-        let mut p = Parser {
-            buf: payload,
-            pos: 0,
-            section: section_name(ty),
-        };
+        let mut p = Parser { buf: payload, pos: 0, section: section_name(ty) };
         let section = match ty {
             section_type::CONFIG => {
                 let c = parse_config(&mut p)?;
@@ -377,18 +351,15 @@ impl<R: Read> StreamReader<R> {
                 let id = p.string()?;
                 let version = p.u32()?;
                 let stage = p.u8()?;
-                let stage = DeviceStage::from_u8(stage)
-                    .ok_or_else(|| p.bad(format!("unknown stage {stage}")))?;
+                let stage =
+                    DeviceStage::from_u8(stage).ok_or_else(|| p.bad(format!("unknown stage {stage}")))?;
                 let data = p.rest().to_vec();
                 let dev = self
                     .config
                     .as_ref()
                     .and_then(|c| c.device(&id))
                     .filter(|d| d.kind == kind)
-                    .ok_or_else(|| StreamError::UnknownDevice {
-                        kind: kind.clone(),
-                        id: id.clone(),
-                    })?;
+                    .ok_or_else(|| StreamError::UnknownDevice { kind: kind.clone(), id: id.clone() })?;
                 if version > dev.section_version {
                     return Err(StreamError::DeviceVersionTooNew {
                         kind,
@@ -404,13 +375,7 @@ impl<R: Read> StreamReader<R> {
                         limit: u64::from(MAX_DEVICE_DATA),
                     });
                 }
-                Section::Device(DeviceSection {
-                    kind,
-                    id,
-                    version,
-                    stage,
-                    data,
-                })
+                Section::Device(DeviceSection { kind, id, version, stage, data })
             }
             section_type::VCPU => {
                 let index = p.u32()?;
@@ -418,10 +383,7 @@ impl<R: Read> StreamReader<R> {
                 if index >= count {
                     return Err(StreamError::VcpuOutOfRange { index, count });
                 }
-                Section::Vcpu(VcpuSection {
-                    index,
-                    data: p.rest().to_vec(),
-                })
+                Section::Vcpu(VcpuSection { index, data: p.rest().to_vec() })
             }
             section_type::POSTCOPY_PENDING => {
                 let block = p.string()?;
@@ -457,10 +419,7 @@ impl<R: Read> StreamReader<R> {
                     return Err(StreamError::SectionCount { stored, counted });
                 }
                 self.ended = true;
-                log::debug!(
-                    "migration stream: end after {counted} sections, {} bytes",
-                    self.offset
-                );
+                log::debug!("migration stream: end after {counted} sections, {} bytes", self.offset);
                 return Ok(Section::End { sections: stored });
             }
         };
@@ -470,10 +429,7 @@ impl<R: Read> StreamReader<R> {
 
     /// The fixed part of a RAM section: block id, count, page entries.
     fn ram_header(&mut self, at: At, len: u32) -> Result<Section, StreamError> {
-        let bad = |reason: String| StreamError::Malformed {
-            section: "RAM".into(),
-            reason,
-        };
+        let bad = |reason: String| StreamError::Malformed { section: "RAM".into(), reason };
         let mut n = [0u8; 1];
         self.fill(&mut n, "RAM block id")?;
         let mut id = vec![0u8; usize::from(n[0])];
@@ -485,15 +441,11 @@ impl<R: Read> StreamReader<R> {
         let block = String::from_utf8(id).map_err(|_| bad("block id is not UTF-8".into()))?;
         let count = u32::from_le_bytes(count) as usize;
         if count == 0 || count > MAX_PAGES_PER_BATCH {
-            return Err(bad(format!(
-                "page count {count} is not in 1..={MAX_PAGES_PER_BATCH}"
-            )));
+            return Err(bad(format!("page count {count} is not in 1..={MAX_PAGES_PER_BATCH}")));
         }
         let fixed = 1 + block.len() + RAM_COUNT_LEN + 8 * count;
         if (len as usize) < fixed {
-            return Err(bad(format!(
-                "payload of {len} bytes is shorter than its {count} page entries"
-            )));
+            return Err(bad(format!("payload of {len} bytes is shorter than its {count} page entries")));
         }
         let mut raw = [0u8; 8 * MAX_PAGES_PER_BATCH];
         let raw = &mut raw[..8 * count];
@@ -504,9 +456,7 @@ impl<R: Read> StreamReader<R> {
             .as_ref()
             .and_then(|c| c.ram_block(&block))
             .map(RamBlockInfo::pages)
-            .ok_or_else(|| StreamError::UnknownRamBlock {
-                block: block.clone(),
-            })?;
+            .ok_or_else(|| StreamError::UnknownRamBlock { block: block.clone() })?;
         let mut pages = Vec::with_capacity(count);
         for e in raw.chunks_exact(8) {
             let v = le64(e);
@@ -515,11 +465,7 @@ impl<R: Read> StreamReader<R> {
             }
             let e = PageEntry(v);
             if e.index() >= pages_in_block {
-                return Err(StreamError::PageOutOfRange {
-                    block,
-                    index: e.index(),
-                    pages: pages_in_block,
-                });
+                return Err(StreamError::PageOutOfRange { block, index: e.index(), pages: pages_in_block });
             }
             pages.push(e);
         }
@@ -531,12 +477,7 @@ impl<R: Read> StreamReader<R> {
             )));
         }
         let seq = self.sections;
-        self.pending = Some(PendingRam {
-            seq,
-            at,
-            crc,
-            data_len: (PAGE_SIZE * data_pages) as u64,
-        });
+        self.pending = Some(PendingRam { seq, at, crc, data_len: (PAGE_SIZE * data_pages) as u64 });
         Ok(Section::Ram(RamBatch { block, pages, seq }))
     }
 
@@ -572,12 +513,11 @@ impl<R: Read> StreamReader<R> {
                 crc = self.read_run(&batch.block, mem, r, crc)?;
             }
             let len = mem.len();
-            let page =
-                range_mut(mem, i, i + 1).ok_or_else(|| StreamError::DestinationTooSmall {
-                    block: batch.block.clone(),
-                    index: i,
-                    len,
-                })?;
+            let page = range_mut(mem, i, i + 1).ok_or_else(|| StreamError::DestinationTooSmall {
+                block: batch.block.clone(),
+                index: i,
+                len,
+            })?;
             if !is_zero_page(page) {
                 page.fill(0);
             }
@@ -691,19 +631,9 @@ fn parse_config(p: &mut Parser<'_>) -> Result<ConfigSection, StreamError> {
         let kind = p.string()?;
         let plugin_version = p.string()?;
         let section_version = p.u32()?;
-        devices.push(DeviceInfo {
-            id,
-            kind,
-            plugin_version,
-            section_version,
-        });
+        devices.push(DeviceInfo { id, kind, plugin_version, section_version });
     }
-    let c = ConfigSection {
-        ram_size,
-        vcpus,
-        ram_blocks,
-        devices,
-    };
+    let c = ConfigSection { ram_size, vcpus, ram_blocks, devices };
     c.validate()?;
     Ok(c)
 }
@@ -717,22 +647,12 @@ struct Parser<'a> {
 
 impl<'a> Parser<'a> {
     fn bad(&self, reason: String) -> StreamError {
-        StreamError::Malformed {
-            section: self.section.into(),
-            reason,
-        }
+        StreamError::Malformed { section: self.section.into(), reason }
     }
     fn take(&mut self, n: usize) -> Result<&'a [u8], StreamError> {
-        let s = self
-            .pos
-            .checked_add(n)
-            .and_then(|end| self.buf.get(self.pos..end))
-            .ok_or_else(|| {
-                self.bad(format!(
-                    "payload ends at byte {} inside a {n}-byte field",
-                    self.buf.len()
-                ))
-            })?;
+        let s = self.pos.checked_add(n).and_then(|end| self.buf.get(self.pos..end)).ok_or_else(|| {
+            self.bad(format!("payload ends at byte {} inside a {n}-byte field", self.buf.len()))
+        })?;
         self.pos += n;
         Ok(s)
     }

@@ -10,25 +10,20 @@
 //! guest resumes here while [`super::postcopy::dest`] brings the rest of
 //! its RAM in.
 
-use std::{
-    collections::BTreeMap,
-    io::Write,
-    sync::Arc,
-    time::Instant,
-};
+use std::{collections::BTreeMap, io::Write, sync::Arc, time::Instant};
 
 use crate::{devices::HostDevice, vm::Vm};
 
 use super::{
+    check_compatibility,
+    device_ops::MigrationOps,
+    machine::{block_bytes_mut, config_section, devices, VcpuPayload},
     postcopy::{
         self,
         dest::{accept_urgent, PostcopyDestError, Shared as PcShared},
         retpath::RetMsg,
     },
     progress::{Progress, Status},
-    check_compatibility,
-    device_ops::MigrationOps,
-    machine::{block_bytes_mut, config_section, devices, VcpuPayload},
     source::{MigrationError, ACK_OK},
     MigrationListener, MigrationStream, Section, StreamReader,
 };
@@ -53,7 +48,11 @@ pub fn incoming(vm: &Vm, listener: MigrationListener) -> Result<Received, Migrat
 /// [`incoming`], reporting to `progress` (the destination's
 /// `query-migrate`). A post-copy migration returns as soon as the guest
 /// may run; its pages keep arriving on threads that `progress` reports on.
-pub fn incoming_with(vm: &Vm, listener: MigrationListener, progress: Arc<Progress>) -> Result<Received, MigrationError> {
+pub fn incoming_with(
+    vm: &Vm,
+    listener: MigrationListener,
+    progress: Arc<Progress>,
+) -> Result<Received, MigrationError> {
     let stream = listener.accept_next()?;
     let _ = progress.begin();
     progress.set_status(Status::Active);
@@ -70,9 +69,9 @@ pub fn incoming_with(vm: &Vm, listener: MigrationListener, progress: Arc<Progres
         }
         (Ok(_), Some(mut ack)) => {
             // Resume only if the source heard us: otherwise it resumes too.
-            writeln!(ack, "{ACK_OK}").and_then(|_| ack.flush()).map_err(|e| {
-                MigrationError::NoAck(format!("cannot acknowledge to the source: {e}"))
-            })?;
+            writeln!(ack, "{ACK_OK}")
+                .and_then(|_| ack.flush())
+                .map_err(|e| MigrationError::NoAck(format!("cannot acknowledge to the source: {e}")))?;
             progress.set_status(Status::Completed);
         }
         (Err(e), Some(mut ack)) => {
@@ -95,7 +94,12 @@ pub fn incoming_with(vm: &Vm, listener: MigrationListener, progress: Arc<Progres
     result
 }
 
-fn load(vm: &Vm, stream: MigrationStream, listener: &MigrationListener, progress: &Arc<Progress>) -> Result<Received, MigrationError> {
+fn load(
+    vm: &Vm,
+    stream: MigrationStream,
+    listener: &MigrationListener,
+    progress: &Arc<Progress>,
+) -> Result<Received, MigrationError> {
     let mut ret = stream.try_clone().ok();
     let mut reader = StreamReader::new(stream)?;
     let local = config_section(vm);
@@ -113,9 +117,14 @@ fn load(vm: &Vm, stream: MigrationStream, listener: &MigrationListener, progress
         }
     };
     let blocks: BTreeMap<String, _> = vm.ram_blocks().into_iter().map(|b| (b.name.clone(), b)).collect();
-    let devs: BTreeMap<String, Arc<HostDevice>> = devices(vm).into_iter().map(|d| (d.id.clone(), d)).collect();
+    let devs: BTreeMap<String, Arc<HostDevice>> =
+        devices(vm).into_iter().map(|d| (d.id.clone(), d)).collect();
     for d in devs.values() {
-        d.lock().load_setup().map_err(|source| MigrationError::Device { id: d.id.clone(), what: "load_setup", source })?;
+        d.lock().load_setup().map_err(|source| MigrationError::Device {
+            id: d.id.clone(),
+            what: "load_setup",
+            source,
+        })?;
     }
     let mut got = Received::default();
     let mut vcpus = Vec::new();
@@ -124,7 +133,9 @@ fn load(vm: &Vm, stream: MigrationStream, listener: &MigrationListener, progress
     let pc_err = |e: PostcopyDestError| MigrationError::Incoming(format!("post-copy: {e}"));
     loop {
         match reader.next_section()? {
-            Section::Config(_) => return Err(MigrationError::Incoming("a second configuration section".into())),
+            Section::Config(_) => {
+                return Err(MigrationError::Incoming("a second configuration section".into()))
+            }
             Section::Ram(batch) => {
                 let block = blocks.get(&batch.block).ok_or_else(|| {
                     MigrationError::Incoming(format!("RAM of unknown block {:?}", batch.block))
@@ -143,9 +154,11 @@ fn load(vm: &Vm, stream: MigrationStream, listener: &MigrationListener, progress
                 let d = devs.get(&s.id).filter(|d| d.kind == s.kind).ok_or_else(|| {
                     MigrationError::Incoming(format!("state for unknown device {} ({})", s.id, s.kind))
                 })?;
-                d.lock()
-                    .load_state(s.version, &s.data)
-                    .map_err(|source| MigrationError::Device { id: d.id.clone(), what: "load_state", source })?;
+                d.lock().load_state(s.version, &s.data).map_err(|source| MigrationError::Device {
+                    id: d.id.clone(),
+                    what: "load_state",
+                    source,
+                })?;
                 got.device_sections += 1;
             }
             Section::Vcpu(s) => {
@@ -160,7 +173,9 @@ fn load(vm: &Vm, stream: MigrationStream, listener: &MigrationListener, progress
                     // and tell the source we are ready to run.
                     finish_load(vm, &devs, std::mem::take(&mut vcpus), vm_state.take())?;
                     pc.register().map_err(pc_err)?;
-                    let w = ret.as_mut().ok_or_else(|| MigrationError::Incoming("post-copy needs a return path".into()))?;
+                    let w = ret
+                        .as_mut()
+                        .ok_or_else(|| MigrationError::Incoming("post-copy needs a return path".into()))?;
                     w.set_nodelay();
                     RetMsg::Ready.send(w).map_err(|e| MigrationError::NoAck(e.to_string()))?;
                 }
@@ -169,7 +184,8 @@ fn load(vm: &Vm, stream: MigrationStream, listener: &MigrationListener, progress
                 let pc = match &postcopy {
                     Some(pc) => Arc::clone(pc),
                     None => {
-                        let pc = Arc::new(PcShared::new(vm, &incoming, Arc::clone(progress)).map_err(pc_err)?);
+                        let pc =
+                            Arc::new(PcShared::new(vm, &incoming, Arc::clone(progress)).map_err(pc_err)?);
                         postcopy = Some(Arc::clone(&pc));
                         pc
                     }
@@ -177,12 +193,16 @@ fn load(vm: &Vm, stream: MigrationStream, listener: &MigrationListener, progress
                 pc.apply_pending(&block, &bitmap).map_err(pc_err)?;
             }
             Section::PostcopyRun => {
-                let pc = postcopy.take().ok_or_else(|| MigrationError::Incoming("post-copy run without pending sections".into()))?;
+                let pc = postcopy.take().ok_or_else(|| {
+                    MigrationError::Incoming("post-copy run without pending sections".into())
+                })?;
                 if !vcpus.is_empty() || vm_state.is_some() {
                     return Err(MigrationError::Incoming("post-copy run before every vCPU state".into()));
                 }
                 let urgent = accept_urgent(listener, &incoming).map_err(pc_err)?;
-                let ret = ret.take().ok_or_else(|| MigrationError::Incoming("post-copy needs a return path".into()))?;
+                let ret = ret
+                    .take()
+                    .ok_or_else(|| MigrationError::Incoming("post-copy needs a return path".into()))?;
                 got.bytes = reader.offset();
                 got.postcopy = true;
                 progress.set_status(Status::PostcopyActive);
@@ -191,7 +211,9 @@ fn load(vm: &Vm, stream: MigrationStream, listener: &MigrationListener, progress
                 return Ok(got);
             }
             Section::PostcopyResume => {
-                return Err(MigrationError::Incoming("a post-copy resume stream, but no post-copy migration is paused here".into()))
+                return Err(MigrationError::Incoming(
+                    "a post-copy resume stream, but no post-copy migration is paused here".into(),
+                ))
             }
             Section::End { .. } => break,
         }
@@ -214,7 +236,10 @@ fn finish_load(
     vcpus.sort_by_key(|(i, _)| *i);
     let want = vm.vcpu_count() as usize;
     if vcpus.len() != want || vcpus.iter().enumerate().any(|(n, (i, _))| *i as usize != n) {
-        return Err(MigrationError::Incoming(format!("stream has {} vCPU states for {want} vCPUs", vcpus.len())));
+        return Err(MigrationError::Incoming(format!(
+            "stream has {} vCPU states for {want} vCPUs",
+            vcpus.len()
+        )));
     }
     let vm_state = vm_state.ok_or_else(|| MigrationError::Incoming("stream has no VM state".into()))?;
     vm.restore_vm_state(&vm_state)?;
@@ -222,8 +247,16 @@ fn finish_load(
     vm.restore_vcpu_state(&states)?;
     for d in devs.values() {
         let mut dev = d.lock();
-        dev.load_cleanup().map_err(|source| MigrationError::Device { id: d.id.clone(), what: "load_cleanup", source })?;
-        dev.vm_state_changed(true).map_err(|source| MigrationError::Device { id: d.id.clone(), what: "vm_state_changed(run)", source })?;
+        dev.load_cleanup().map_err(|source| MigrationError::Device {
+            id: d.id.clone(),
+            what: "load_cleanup",
+            source,
+        })?;
+        dev.vm_state_changed(true).map_err(|source| MigrationError::Device {
+            id: d.id.clone(),
+            what: "vm_state_changed(run)",
+            source,
+        })?;
     }
     Ok(())
 }

@@ -63,9 +63,7 @@ impl<W: Write> StreamWriter<W> {
             config: None,
             sections: 0,
             bytes: 0,
-            head: Vec::with_capacity(
-                SECTION_HEADER_LEN + 1 + MAX_STRING_LEN + 4 + 8 * MAX_PAGES_PER_BATCH,
-            ),
+            head: Vec::with_capacity(SECTION_HEADER_LEN + 1 + MAX_STRING_LEN + 4 + 8 * MAX_PAGES_PER_BATCH),
             entries: Vec::with_capacity(MAX_PAGES_PER_BATCH),
             bounce: Vec::with_capacity(CHUNK),
         };
@@ -168,15 +166,9 @@ impl<W: Write> StreamWriter<W> {
         mem: &[u8],
         pages: impl IntoIterator<Item = u64>,
     ) -> Result<RamStats, StreamError> {
-        let config = self
-            .config
-            .as_ref()
-            .ok_or(StreamError::Order("RAM section before configuration"))?;
-        let info = config
-            .ram_block(block)
-            .ok_or_else(|| StreamError::UnknownRamBlock {
-                block: block.into(),
-            })?;
+        let config = self.config.as_ref().ok_or(StreamError::Order("RAM section before configuration"))?;
+        let info =
+            config.ram_block(block).ok_or_else(|| StreamError::UnknownRamBlock { block: block.into() })?;
         let block_pages = info.pages();
         let mut stats = RamStats::default();
         let mut entries = std::mem::take(&mut self.entries);
@@ -184,19 +176,11 @@ impl<W: Write> StreamWriter<W> {
         let mut result = Ok(());
         for index in pages {
             if index >= block_pages {
-                result = Err(StreamError::PageOutOfRange {
-                    block: block.into(),
-                    index,
-                    pages: block_pages,
-                });
+                result = Err(StreamError::PageOutOfRange { block: block.into(), index, pages: block_pages });
                 break;
             }
             let Some(page) = page_of(mem, index) else {
-                result = Err(StreamError::DestinationTooSmall {
-                    block: block.into(),
-                    index,
-                    len: mem.len(),
-                });
+                result = Err(StreamError::DestinationTooSmall { block: block.into(), index, len: mem.len() });
                 break;
             };
             entries.push(PageEntry::new(index, is_zero_page(page)));
@@ -231,8 +215,7 @@ impl<W: Write> StreamWriter<W> {
     ) -> Result<RamStats, StreamError> {
         check_string("RAM block id", block)?;
         let data_pages = entries.iter().filter(|e| !e.is_zero()).count();
-        let payload_len =
-            1 + block.len() + RAM_COUNT_LEN + 8 * entries.len() + PAGE_SIZE * data_pages;
+        let payload_len = 1 + block.len() + RAM_COUNT_LEN + 8 * entries.len() + PAGE_SIZE * data_pages;
         let mut head = std::mem::take(&mut self.head);
         head.clear();
         push_section_header(&mut head, section_type::RAM, 0, payload_len as u32);
@@ -250,10 +233,7 @@ impl<W: Write> StreamWriter<W> {
         self.out.write_all(&head)?;
         let mut bounce = std::mem::take(&mut self.bounce);
         bounce.clear();
-        let runs = RunIter {
-            entries: entries.iter(),
-            pending: None,
-        };
+        let runs = RunIter { entries: entries.iter(), pending: None };
         for (s, end) in runs {
             let mut at = s;
             while at < end {
@@ -295,17 +275,11 @@ impl<W: Write> StreamWriter<W> {
         stage: DeviceStage,
         data: &[u8],
     ) -> Result<(), StreamError> {
-        let config = self
-            .config
-            .as_ref()
-            .ok_or(StreamError::Order("device section before configuration"))?;
+        let config = self.config.as_ref().ok_or(StreamError::Order("device section before configuration"))?;
         let dev = config
             .device(id)
             .filter(|d| d.kind == kind)
-            .ok_or_else(|| StreamError::UnknownDevice {
-                kind: kind.into(),
-                id: id.into(),
-            })?;
+            .ok_or_else(|| StreamError::UnknownDevice { kind: kind.into(), id: id.into() })?;
         if version > dev.section_version {
             return Err(StreamError::DeviceVersionTooNew {
                 kind: kind.into(),
@@ -331,15 +305,9 @@ impl<W: Write> StreamWriter<W> {
 
     /// A vCPU state section: opaque bytes of the VM layer.
     pub fn write_vcpu(&mut self, index: u32, data: &[u8]) -> Result<(), StreamError> {
-        let config = self
-            .config
-            .as_ref()
-            .ok_or(StreamError::Order("vCPU section before configuration"))?;
+        let config = self.config.as_ref().ok_or(StreamError::Order("vCPU section before configuration"))?;
         if index >= config.vcpus {
-            return Err(StreamError::VcpuOutOfRange {
-                index,
-                count: config.vcpus,
-            });
+            return Err(StreamError::VcpuOutOfRange { index, count: config.vcpus });
         }
         if data.len() > MAX_VCPU_DATA as usize {
             return Err(StreamError::TooLong {
@@ -354,13 +322,10 @@ impl<W: Write> StreamWriter<W> {
     /// Post-copy: the pages of `block` the source still sends (bit i =
     /// page i), exactly one bit per page of the block.
     pub fn write_postcopy_pending(&mut self, block: &str, bitmap: &[u64]) -> Result<(), StreamError> {
-        let config = self
-            .config
-            .as_ref()
-            .ok_or(StreamError::Order("post-copy section before configuration"))?;
-        let info = config
-            .ram_block(block)
-            .ok_or_else(|| StreamError::UnknownRamBlock { block: block.into() })?;
+        let config =
+            self.config.as_ref().ok_or(StreamError::Order("post-copy section before configuration"))?;
+        let info =
+            config.ram_block(block).ok_or_else(|| StreamError::UnknownRamBlock { block: block.into() })?;
         check_string("RAM block id", block)?;
         let words = bitmap_words(info.pages()) as usize;
         if bitmap.len() != words {
@@ -423,20 +388,14 @@ impl<W: Write> StreamWriter<W> {
         let count = self.sections;
         self.put_section(section_type::END, 0, &[&count.to_le_bytes()])?;
         self.out.flush()?;
-        log::debug!(
-            "migration stream: finished, {} sections, {} bytes",
-            self.sections,
-            self.bytes
-        );
+        log::debug!("migration stream: finished, {} sections, {} bytes", self.sections, self.bytes);
         Ok(())
     }
 
     /// Write the end section, flush, and hand back the transport.
     pub fn finish(mut self) -> Result<W, StreamError> {
         self.write_end()?;
-        self.out
-            .into_inner()
-            .map_err(|e| StreamError::Io(e.into_error()))
+        self.out.into_inner().map_err(|e| StreamError::Io(e.into_error()))
     }
 
     fn put_section(&mut self, ty: u8, flags: u8, parts: &[&[u8]]) -> Result<(), StreamError> {

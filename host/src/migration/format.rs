@@ -81,8 +81,7 @@ pub(crate) const DEVICE_FIXED_LEN: usize = 5;
 pub const MAX_RAM_PAYLOAD: u32 =
     (1 + MAX_STRING_LEN + RAM_COUNT_LEN + MAX_PAGES_PER_BATCH * (8 + PAGE_SIZE)) as u32;
 /// Largest valid payload of a device section.
-pub const MAX_DEVICE_PAYLOAD: u32 =
-    MAX_DEVICE_DATA + (2 * (1 + MAX_STRING_LEN) + DEVICE_FIXED_LEN) as u32;
+pub const MAX_DEVICE_PAYLOAD: u32 = MAX_DEVICE_DATA + (2 * (1 + MAX_STRING_LEN) + DEVICE_FIXED_LEN) as u32;
 /// Largest valid payload of a vCPU section.
 pub const MAX_VCPU_PAYLOAD: u32 = MAX_VCPU_DATA + 4;
 
@@ -139,21 +138,12 @@ impl ConfigSection {
     /// Check the limits and invariants a reader enforces, so a writer never
     /// produces a stream its reader refuses.
     pub fn validate(&self) -> Result<(), StreamError> {
-        let bad = |reason: String| StreamError::Malformed {
-            section: "configuration".into(),
-            reason,
-        };
+        let bad = |reason: String| StreamError::Malformed { section: "configuration".into(), reason };
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return Err(bad(format!(
-                "vCPU count {} is not in 1..={MAX_VCPUS}",
-                self.vcpus
-            )));
+            return Err(bad(format!("vCPU count {} is not in 1..={MAX_VCPUS}", self.vcpus)));
         }
         if !page_aligned(self.ram_size) {
-            return Err(bad(format!(
-                "RAM size {:#x} is not a multiple of the page size",
-                self.ram_size
-            )));
+            return Err(bad(format!("RAM size {:#x} is not a multiple of the page size", self.ram_size)));
         }
         check_count("RAM block count", self.ram_blocks.len(), MAX_RAM_BLOCKS)?;
         check_count("device count", self.devices.len(), MAX_DEVICES)?;
@@ -199,22 +189,14 @@ pub(crate) fn page_aligned(x: u64) -> bool {
 
 pub(crate) fn check_string(what: &'static str, s: &str) -> Result<(), StreamError> {
     if s.len() > MAX_STRING_LEN {
-        return Err(StreamError::TooLong {
-            what,
-            len: s.len() as u64,
-            limit: MAX_STRING_LEN as u64,
-        });
+        return Err(StreamError::TooLong { what, len: s.len() as u64, limit: MAX_STRING_LEN as u64 });
     }
     Ok(())
 }
 
 fn check_count(what: &'static str, n: usize, limit: usize) -> Result<(), StreamError> {
     if n > limit {
-        return Err(StreamError::TooLong {
-            what,
-            len: n as u64,
-            limit: limit as u64,
-        });
+        return Err(StreamError::TooLong { what, len: n as u64, limit: limit as u64 });
     }
     Ok(())
 }
@@ -307,7 +289,10 @@ pub enum Section {
     },
     /// Post-copy: the pages of `block` (bit i = page i) that the source
     /// still holds and sends after the guest runs on the destination.
-    PostcopyPending { block: String, bitmap: Vec<u64> },
+    PostcopyPending {
+        block: String,
+        bitmap: Vec<u64>,
+    },
     /// Post-copy: resume the guest now; RAM sections keep coming.
     PostcopyRun,
     /// A stream that resumes a paused post-copy migration.
@@ -373,22 +358,13 @@ pub enum StreamError {
     #[error("section header checksum mismatch in {at}")]
     SectionHeaderChecksum { at: At },
     #[error("checksum mismatch in {name} section ({at}): stored {stored:#010x}, computed {computed:#010x}")]
-    Checksum {
-        name: &'static str,
-        at: At,
-        stored: u32,
-        computed: u32,
-    },
+    Checksum { name: &'static str, at: At, stored: u32, computed: u32 },
     #[error("unknown section type {ty:#04x} ({at}) not marked skippable")]
     UnknownSection { ty: u8, at: At },
     #[error("section type {ty:#04x} ({at}) has reserved flags {flags:#04x} or reserved bits set")]
     ReservedFlags { ty: u8, flags: u8, at: At },
     #[error("{what} length {len} exceeds limit {limit}")]
-    TooLong {
-        what: &'static str,
-        len: u64,
-        limit: u64,
-    },
+    TooLong { what: &'static str, len: u64, limit: u64 },
     #[error("malformed {section} section: {reason}")]
     Malformed { section: String, reason: String },
     #[error("expected the configuration section first, found a {found} section")]
@@ -398,20 +374,11 @@ pub enum StreamError {
     #[error("RAM section for block {block:?} that the configuration section does not declare")]
     UnknownRamBlock { block: String },
     #[error("page {index} of RAM block {block:?} is out of range (block has {pages} pages)")]
-    PageOutOfRange {
-        block: String,
-        index: u64,
-        pages: u64,
-    },
+    PageOutOfRange { block: String, index: u64, pages: u64 },
     #[error("unknown device kind {kind:?} (instance {id:?}): not in the configuration section")]
     UnknownDevice { kind: String, id: String },
     #[error("device section version {version} of {kind:?} instance {id:?} newer than supported {supported}")]
-    DeviceVersionTooNew {
-        kind: String,
-        id: String,
-        version: u32,
-        supported: u32,
-    },
+    DeviceVersionTooNew { kind: String, id: String, version: u32, supported: u32 },
     #[error("vCPU index {index} out of range ({count} vCPUs)")]
     VcpuOutOfRange { index: u32, count: u32 },
     #[error("end section counts {stored} sections but {counted} were read")]
@@ -423,11 +390,7 @@ pub enum StreamError {
     #[error("RAM batch is not the current section (already consumed or skipped)")]
     StaleBatch,
     #[error("destination memory of {len} bytes too small for page {index} of RAM block {block:?}")]
-    DestinationTooSmall {
-        block: String,
-        index: u64,
-        len: usize,
-    },
+    DestinationTooSmall { block: String, index: u64, len: usize },
     #[error("RAM sink refused page {index} of block {block:?}")]
     Sink {
         block: String,

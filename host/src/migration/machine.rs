@@ -19,7 +19,11 @@ pub fn config_section(vm: &Vm) -> ConfigSection {
     ConfigSection {
         ram_size: vm.ram().size(),
         vcpus: vm.vcpu_count(),
-        ram_blocks: vm.ram_blocks().iter().map(|b| RamBlockInfo { id: b.name.clone(), size: b.size }).collect(),
+        ram_blocks: vm
+            .ram_blocks()
+            .iter()
+            .map(|b| RamBlockInfo { id: b.name.clone(), size: b.size })
+            .collect(),
         devices: devices(vm)
             .iter()
             .map(|d| DeviceInfo {

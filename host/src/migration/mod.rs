@@ -21,25 +21,23 @@ pub mod bench;
 pub mod commands;
 mod compat;
 pub mod debug_commands;
+mod decode;
 pub mod dest;
 pub mod device_ops;
+mod encode;
+pub mod extents;
+mod format;
 pub mod machine;
 pub mod postcopy;
 pub mod progress;
 pub mod source;
-mod decode;
-mod encode;
-pub mod extents;
-mod format;
 pub mod transport;
 
 pub use compat::{check_compatibility, CompatError, Mismatch};
 pub use decode::{Page, StreamReader, READ_BUFFER};
 pub use encode::{RamStats, StreamWriter, WRITE_BUFFER};
 pub use format::*;
-pub use transport::{
-    connect, listen, MigrationListener, MigrationStream, MigrationUri, TransportError,
-};
+pub use transport::{connect, listen, MigrationListener, MigrationStream, MigrationUri, TransportError};
 
 #[cfg(test)]
 mod tests;

@@ -52,7 +52,12 @@ pub struct Parameters {
 
 impl Default for Parameters {
     fn default() -> Self {
-        Self { max_downtime: Duration::from_millis(300), max_bandwidth: 0, max_rounds: 30, max_postcopy_bandwidth: 0 }
+        Self {
+            max_downtime: Duration::from_millis(300),
+            max_bandwidth: 0,
+            max_rounds: 30,
+            max_postcopy_bandwidth: 0,
+        }
     }
 }
 
@@ -137,7 +142,15 @@ impl Progress {
     /// Begin a migration; refused while one is running.
     pub fn begin(&self) -> Result<Parameters, String> {
         let mut g = self.lock();
-        if matches!(g.status, Status::Setup | Status::Active | Status::Device | Status::PostcopyActive | Status::PostcopyPaused | Status::PostcopyRecover) {
+        if matches!(
+            g.status,
+            Status::Setup
+                | Status::Active
+                | Status::Device
+                | Status::PostcopyActive
+                | Status::PostcopyPaused
+                | Status::PostcopyRecover
+        ) {
             return Err(format!("a migration is already {:?}", g.status).to_lowercase());
         }
         g.status = Status::Setup;
@@ -224,10 +237,15 @@ impl Progress {
     /// Hand a paused post-copy migration where to continue.
     pub fn resume(&self, r: Resume) -> Result<(), String> {
         if self.status() != Status::PostcopyPaused {
-            return Err(format!("no post-copy migration is paused (status {:?})", self.status()).to_lowercase());
+            return Err(
+                format!("no post-copy migration is paused (status {:?})", self.status()).to_lowercase()
+            );
         }
         let g = self.resume.lock().unwrap_or_else(|p| p.into_inner());
-        g.as_ref().ok_or("no post-copy migration is paused")?.send(r).map_err(|_| "the migration is gone".to_owned())?;
+        g.as_ref()
+            .ok_or("no post-copy migration is paused")?
+            .send(r)
+            .map_err(|_| "the migration is gone".to_owned())?;
         self.set_status(Status::PostcopyRecover);
         Ok(())
     }

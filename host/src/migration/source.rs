@@ -35,8 +35,7 @@ use super::{
         AtomicBitmap,
     },
     progress::{Progress, Status},
-    DeviceStage, MigrationStream, MigrationUri, StreamError, StreamWriter, TransportError,
-    PAGE_SIZE,
+    DeviceStage, MigrationStream, MigrationUri, StreamError, StreamWriter, TransportError, PAGE_SIZE,
 };
 
 /// Why a migration failed. The source VM keeps running after any of them.
@@ -177,7 +176,11 @@ impl Sender<'_> {
         }
         self.iterate_devices()?;
         let mut last_round = round_start.elapsed();
-        log::info!("migration: round 0 sent {} bytes in {:.3} s", self.out.bytes_written(), last_round.as_secs_f64());
+        log::info!(
+            "migration: round 0 sent {} bytes in {:.3} s",
+            self.out.bytes_written(),
+            last_round.as_secs_f64()
+        );
 
         let mut round = 0;
         loop {
@@ -212,7 +215,9 @@ impl Sender<'_> {
             if expected <= params.max_downtime {
                 // Devices confirm with their exact figure before we stop.
                 let exact = self.pending_devices(true)?;
-                if dirty * PAGE_SIZE as u64 + exact <= bw.saturating_mul(params.max_downtime.as_millis() as u64) / 1000 {
+                if dirty * PAGE_SIZE as u64 + exact
+                    <= bw.saturating_mul(params.max_downtime.as_millis() as u64) / 1000
+                {
                     break;
                 }
             }
@@ -226,7 +231,12 @@ impl Sender<'_> {
     }
 
     /// Stop the guest, send what is left, wait for the destination.
-    fn switch_over(&mut self, ack: Option<MigrationStream>, rounds: u32, started: Instant) -> Result<Summary, MigrationError> {
+    fn switch_over(
+        &mut self,
+        ack: Option<MigrationStream>,
+        rounds: u32,
+        started: Instant,
+    ) -> Result<Summary, MigrationError> {
         let stop = Instant::now();
         self.vm.pause()?;
         self.progress.set_status(Status::Device);
@@ -337,7 +347,12 @@ impl Sender<'_> {
     /// Stop the guest, send device and vCPU state and the pages still to
     /// come, let the destination run, and serve its pages until all are
     /// there. From the run section on, the guest never runs here again.
-    fn postcopy_switch(&mut self, ack: Option<MigrationStream>, rounds: u32, started: Instant) -> Result<Summary, MigrationError> {
+    fn postcopy_switch(
+        &mut self,
+        ack: Option<MigrationStream>,
+        rounds: u32,
+        started: Instant,
+    ) -> Result<Summary, MigrationError> {
         let mut ret = ack.ok_or_else(|| MigrationError::Incoming("post-copy needs a return path".into()))?;
         let stop = Instant::now();
         self.vm.pause()?;
@@ -356,7 +371,11 @@ impl Sender<'_> {
             let pages = b.size / PAGE_SIZE as u64;
             bitmap.resize(pages.div_ceil(64) as usize, 0);
             self.out.write_postcopy_pending(&b.name, &bitmap)?;
-            pc_blocks.push(PcBlock { unsent: AtomicBitmap::from_words(&bitmap, pages), pending: bitmap, block: b });
+            pc_blocks.push(PcBlock {
+                unsent: AtomicBitmap::from_words(&bitmap, pages),
+                pending: bitmap,
+                block: b,
+            });
         }
         let pending: u64 = pc_blocks.iter().map(|b| b.unsent.count()).sum();
         self.send_final_state()?;
@@ -365,7 +384,9 @@ impl Sender<'_> {
         let config = config_section(self.vm);
         match RetMsg::read(&mut ret, &config) {
             Ok(RetMsg::Ready) => {}
-            Ok(other) => return Err(MigrationError::Refused(format!("expected post-copy readiness, got {other:?}"))),
+            Ok(other) => {
+                return Err(MigrationError::Refused(format!("expected post-copy readiness, got {other:?}")))
+            }
             Err(RetPathError::Remote(m)) => return Err(MigrationError::Refused(m)),
             Err(e) => return Err(MigrationError::NoAck(e.to_string())),
         }
@@ -382,12 +403,18 @@ impl Sender<'_> {
         );
         // The main stream moves to the post-copy session; what stays here
         // is a writer to nowhere (nothing writes to it any more).
-        let out = std::mem::replace(&mut self.out, StreamWriter::new(MigrationStream::FileWrite(std::io::BufWriter::new(null_file()?)))?);
+        let out = std::mem::replace(
+            &mut self.out,
+            StreamWriter::new(MigrationStream::FileWrite(std::io::BufWriter::new(null_file()?)))?,
+        );
         let session = pc_source::Session { main: out, ret, urgent };
         let requests = pc_source::run(&pc_blocks, &config, session, self.progress)?;
         let bytes = self.progress.stats().transferred;
         self.progress.update(|st| st.remaining = 0);
-        log::info!("migration: post-copy completed, {requests} pages requested, {:.3} s in all", started.elapsed().as_secs_f64());
+        log::info!(
+            "migration: post-copy completed, {requests} pages requested, {:.3} s in all",
+            started.elapsed().as_secs_f64()
+        );
         Ok(Summary { rounds, bytes, total_time: started.elapsed(), downtime })
     }
 
@@ -484,14 +511,21 @@ impl Sender<'_> {
 }
 
 fn null_file() -> Result<std::fs::File, MigrationError> {
-    std::fs::OpenOptions::new().write(true).open("/dev/null").map_err(|e| MigrationError::Incoming(format!("/dev/null: {e}")))
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| MigrationError::Incoming(format!("/dev/null: {e}")))
 }
 
 /// The first device that keeps post-copy from starting, and why: one
 /// whose state must go before the switch-over (`must_precopy`) and would
 /// not fit the downtime budget at the measured bandwidth, or one that
 /// cannot say how much it has.
-pub fn postcopy_blocker(devices: &[Arc<HostDevice>], bandwidth: u64, max_downtime: Duration) -> Option<String> {
+pub fn postcopy_blocker(
+    devices: &[Arc<HostDevice>],
+    bandwidth: u64,
+    max_downtime: Duration,
+) -> Option<String> {
     let budget = (bandwidth as f64 * max_downtime.as_secs_f64()) as u64;
     for d in devices {
         match d.lock().state_pending_exact() {
@@ -548,7 +582,9 @@ fn explain(e: MigrationError, ret: Option<MigrationStream>) -> MigrationError {
     }
     let mut line = String::new();
     match BufReader::new(ret).read_line(&mut line) {
-        Ok(_) if line.starts_with("error: ") => MigrationError::Refused(line["error: ".len()..].trim_end().to_owned()),
+        Ok(_) if line.starts_with("error: ") => {
+            MigrationError::Refused(line["error: ".len()..].trim_end().to_owned())
+        }
         _ => e,
     }
 }
@@ -562,9 +598,7 @@ fn wait_ack(stream: MigrationStream) -> Result<(), MigrationError> {
         let _ = s.set_read_timeout(Some(ACK_TIMEOUT));
     }
     let mut line = String::new();
-    BufReader::new(stream)
-        .read_line(&mut line)
-        .map_err(|e| MigrationError::NoAck(e.to_string()))?;
+    BufReader::new(stream).read_line(&mut line).map_err(|e| MigrationError::NoAck(e.to_string()))?;
     match line.trim_end() {
         ACK_OK => Ok(()),
         "" => Err(MigrationError::NoAck("the connection closed".into())),

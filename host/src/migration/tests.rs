@@ -10,14 +10,8 @@ fn config() -> ConfigSection {
         ram_size: 64 * PAGE_SIZE as u64,
         vcpus: 2,
         ram_blocks: vec![
-            RamBlockInfo {
-                id: "ram0".into(),
-                size: 64 * PAGE_SIZE as u64,
-            },
-            RamBlockInfo {
-                id: "nv0/ram".into(),
-                size: 4 * PAGE_SIZE as u64,
-            },
+            RamBlockInfo { id: "ram0".into(), size: 64 * PAGE_SIZE as u64 },
+            RamBlockInfo { id: "nv0/ram".into(), size: 4 * PAGE_SIZE as u64 },
         ],
         devices: vec![
             DeviceInfo {
@@ -53,22 +47,11 @@ fn sample() -> (Vec<u8>, Vec<u8>) {
     let ram = memory(64, &[1, 5, 6]);
     let mut w = StreamWriter::new(Vec::new()).unwrap();
     w.write_config(&config()).unwrap();
-    let s = w
-        .write_ram_pages("ram0", &ram, &[0, 1, 2, 3, 5, 9, 63])
-        .unwrap();
-    assert_eq!(
-        s,
-        RamStats {
-            pages: 7,
-            zero_pages: 2,
-            bytes: s.bytes
-        }
-    );
-    w.write_device("nvdimm", "nv0", 2, DeviceStage::Iterate, b"chunk")
-        .unwrap();
+    let s = w.write_ram_pages("ram0", &ram, &[0, 1, 2, 3, 5, 9, 63]).unwrap();
+    assert_eq!(s, RamStats { pages: 7, zero_pages: 2, bytes: s.bytes });
+    w.write_device("nvdimm", "nv0", 2, DeviceStage::Iterate, b"chunk").unwrap();
     w.write_skippable(0x70, b"from the future").unwrap();
-    w.write_device("iohub", "io0", 1, DeviceStage::Complete, b"")
-        .unwrap();
+    w.write_device("iohub", "io0", 1, DeviceStage::Complete, b"").unwrap();
     w.write_vcpu(1, &[7; 100]).unwrap();
     let bytes = w.finish().unwrap();
     (bytes, ram)
@@ -101,23 +84,10 @@ fn round_trip_every_section() {
     let (sections, got) = read_all(&bytes).unwrap();
     assert_eq!(sections.len(), 6, "{sections:?}");
     assert_eq!(sections[0], Section::Config(config()));
-    let Section::Ram(b) = &sections[1] else {
-        panic!("{:?}", sections[1])
-    };
+    let Section::Ram(b) = &sections[1] else { panic!("{:?}", sections[1]) };
     assert_eq!(b.block, "ram0");
     let idx: Vec<_> = b.pages.iter().map(|p| (p.index(), p.is_zero())).collect();
-    assert_eq!(
-        idx,
-        [
-            (0, false),
-            (1, true),
-            (2, false),
-            (3, false),
-            (5, true),
-            (9, false),
-            (63, false)
-        ]
-    );
+    assert_eq!(idx, [(0, false), (1, true), (2, false), (3, false), (5, true), (9, false), (63, false)]);
     assert_eq!(
         sections[2],
         Section::Device(DeviceSection {
@@ -128,36 +98,18 @@ fn round_trip_every_section() {
             data: b"chunk".to_vec()
         })
     );
-    let Section::Device(d) = &sections[3] else {
-        panic!()
-    };
+    let Section::Device(d) = &sections[3] else { panic!() };
     assert_eq!((d.stage, d.data.len()), (DeviceStage::Complete, 0));
-    assert_eq!(
-        sections[4],
-        Section::Vcpu(VcpuSection {
-            index: 1,
-            data: vec![7; 100]
-        })
-    );
+    assert_eq!(sections[4], Section::Vcpu(VcpuSection { index: 1, data: vec![7; 100] }));
     // 7 sections before the end, the skipped one included.
     assert_eq!(sections[5], Section::End { sections: 6 });
     for i in [0, 2, 3, 9, 63] {
-        assert_eq!(
-            got[i * PAGE_SIZE..][..PAGE_SIZE],
-            ram[i * PAGE_SIZE..][..PAGE_SIZE],
-            "page {i}"
-        );
+        assert_eq!(got[i * PAGE_SIZE..][..PAGE_SIZE], ram[i * PAGE_SIZE..][..PAGE_SIZE], "page {i}");
     }
     for i in [1, 5] {
-        assert!(
-            is_zero_page(&got[i * PAGE_SIZE..][..PAGE_SIZE]),
-            "zero page {i} cleared"
-        );
+        assert!(is_zero_page(&got[i * PAGE_SIZE..][..PAGE_SIZE]), "zero page {i} cleared");
     }
-    assert!(
-        got[4 * PAGE_SIZE..][..PAGE_SIZE].iter().all(|&b| b == 0xee),
-        "unsent page untouched"
-    );
+    assert!(got[4 * PAGE_SIZE..][..PAGE_SIZE].iter().all(|&b| b == 0xee), "unsent page untouched");
 }
 
 #[test]
@@ -171,11 +123,7 @@ fn ram_many_batches_and_sink() {
     let s = w.write_ram_block("ram0", &ram).unwrap();
     assert_eq!((s.pages, s.zero_pages), (3000, zero.len() as u64));
     let bytes = w.finish().unwrap();
-    assert_eq!(
-        w_sections(&bytes),
-        3 + 2,
-        "config, 3 batches of <= 1024 pages, end"
-    );
+    assert_eq!(w_sections(&bytes), 3 + 2, "config, 3 batches of <= 1024 pages, end");
 
     let mut r = StreamReader::new(&bytes[..]).unwrap();
     let mut got = vec![0u8; ram.len()];
@@ -230,23 +178,15 @@ fn unread_ram_is_skipped_and_checked() {
     r.next_section().unwrap();
     r.next_section().unwrap();
     let e = r.next_section().unwrap_err();
-    assert!(
-        matches!(e, StreamError::Checksum { name: "RAM", .. }),
-        "{e}"
-    );
-    assert!(
-        matches!(r.next_section(), Err(StreamError::Order(_))),
-        "a failed reader stays failed"
-    );
+    assert!(matches!(e, StreamError::Checksum { name: "RAM", .. }), "{e}");
+    assert!(matches!(r.next_section(), Err(StreamError::Order(_))), "a failed reader stays failed");
 }
 
 /// Offset of the first page of data in `sample()`.
 fn first_data_offset(bytes: &[u8]) -> usize {
     let mut r = StreamReader::new(bytes).unwrap();
     r.next_section().unwrap();
-    let Section::Ram(_) = r.next_section().unwrap() else {
-        panic!()
-    };
+    let Section::Ram(_) = r.next_section().unwrap() else { panic!() };
     // The reader has consumed exactly the RAM header (64 KiB buffer aside):
     // recompute: stream header, config section, RAM header and entries.
     let cfg_len = u32::from_le_bytes(bytes[16 + 4..16 + 8].try_into().unwrap()) as usize;
@@ -259,11 +199,7 @@ fn truncation_at_every_offset_is_an_error() {
     for cut in 0..bytes.len() {
         match read_all(&bytes[..cut]) {
             Err(StreamError::Truncated { .. }) => {}
-            other => panic!(
-                "cut at {cut} of {}: {:?}",
-                bytes.len(),
-                other.map(|(s, _)| s.len())
-            ),
+            other => panic!("cut at {cut} of {}: {:?}", bytes.len(), other.map(|(s, _)| s.len())),
         }
     }
     read_all(&bytes).unwrap();
@@ -281,14 +217,10 @@ fn every_bit_flip_is_an_error() {
         for bit in 0..8 {
             let mut b = bytes.clone();
             b[byte] ^= 1 << bit;
-            let e = read_all(&b)
-                .err()
-                .unwrap_or_else(|| panic!("flip of bit {bit} of byte {byte} not detected"));
+            let e =
+                read_all(&b).err().unwrap_or_else(|| panic!("flip of bit {bit} of byte {byte} not detected"));
             if (data..data + 4 * PAGE_SIZE).contains(&byte) {
-                assert!(
-                    matches!(e, StreamError::Checksum { name: "RAM", .. }),
-                    "{e}"
-                );
+                assert!(matches!(e, StreamError::Checksum { name: "RAM", .. }), "{e}");
             }
         }
     }
@@ -301,37 +233,13 @@ fn checksum_errors_name_the_section() {
     let mut b = bytes.clone();
     b[16 + SECTION_HEADER_LEN + 10] ^= 1;
     let e = read_all(&b).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            StreamError::Checksum {
-                name: "configuration",
-                ..
-            }
-        ),
-        "{e}"
-    );
-    assert!(
-        e.to_string()
-            .contains("checksum mismatch in configuration section"),
-        "{e}"
-    );
+    assert!(matches!(e, StreamError::Checksum { name: "configuration", .. }), "{e}");
+    assert!(e.to_string().contains("checksum mismatch in configuration section"), "{e}");
     // A section header's length.
     let mut b = bytes.clone();
     b[16 + 5] ^= 1;
     let e = read_all(&b).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            StreamError::SectionHeaderChecksum {
-                at: At {
-                    section: 0,
-                    offset: 16
-                }
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(e, StreamError::SectionHeaderChecksum { at: At { section: 0, offset: 16 } }), "{e}");
     // The stream header's version.
     let mut b = bytes.clone();
     b[10] ^= 1;
@@ -339,10 +247,7 @@ fn checksum_errors_name_the_section() {
     let mut b = bytes;
     b[0] = b'X';
     let e = read_all(&b).unwrap_err();
-    assert!(
-        matches!(e, StreamError::BadMagic { .. }) && e.to_string().contains("bad magic"),
-        "{e}"
-    );
+    assert!(matches!(e, StreamError::BadMagic { .. }) && e.to_string().contains("bad magic"), "{e}");
 }
 
 fn header(major: u16, minor: u16) -> Vec<u8> {
@@ -409,19 +314,8 @@ fn versions() {
     let mut b = header(2, 0);
     b.extend_from_slice(&prefix()[16..]);
     let e = err_of(&b);
-    assert!(
-        matches!(
-            e,
-            StreamError::UnsupportedMajor {
-                major: 2,
-                supported: 1
-            }
-        ),
-        "{e}"
-    );
-    assert!(e
-        .to_string()
-        .contains("unsupported stream format major version 2"));
+    assert!(matches!(e, StreamError::UnsupportedMajor { major: 2, supported: 1 }), "{e}");
+    assert!(e.to_string().contains("unsupported stream format major version 2"));
 
     // A newer minor that adds a skippable section: read.
     let mut b = header(1, 7);
@@ -438,44 +332,26 @@ fn versions() {
     let mut b = prefix();
     b.extend(raw_section(0x42, 0, &[1, 2, 3]));
     let e = err_of(&b);
-    assert!(
-        matches!(e, StreamError::UnknownSection { ty: 0x42, .. }),
-        "{e}"
-    );
+    assert!(matches!(e, StreamError::UnknownSection { ty: 0x42, .. }), "{e}");
     assert!(e.to_string().contains("unknown section type 0x42"), "{e}");
 
     // Reserved flags.
     let mut b = prefix();
     b.extend(raw_section(section_type::VCPU, 0x80, &[0; 4]));
-    assert!(matches!(
-        err_of(&b),
-        StreamError::ReservedFlags { flags: 0x80, .. }
-    ));
+    assert!(matches!(err_of(&b), StreamError::ReservedFlags { flags: 0x80, .. }));
 }
 
 #[test]
 fn oversize_lengths_are_refused_before_reading() {
     for (ty, len, limit) in [
-        (
-            section_type::CONFIG,
-            MAX_CONFIG_PAYLOAD + 1,
-            MAX_CONFIG_PAYLOAD,
-        ),
+        (section_type::CONFIG, MAX_CONFIG_PAYLOAD + 1, MAX_CONFIG_PAYLOAD),
         (section_type::RAM, MAX_RAM_PAYLOAD + 1, MAX_RAM_PAYLOAD),
-        (
-            section_type::DEVICE,
-            MAX_DEVICE_PAYLOAD + 1,
-            MAX_DEVICE_PAYLOAD,
-        ),
+        (section_type::DEVICE, MAX_DEVICE_PAYLOAD + 1, MAX_DEVICE_PAYLOAD),
         (section_type::VCPU, MAX_VCPU_PAYLOAD + 1, MAX_VCPU_PAYLOAD),
         (section_type::END, 9, 8),
         (0x99, u32::MAX, MAX_SKIPPABLE_PAYLOAD),
     ] {
-        let mut b = if ty == section_type::CONFIG {
-            header(1, 0)
-        } else {
-            prefix()
-        };
+        let mut b = if ty == section_type::CONFIG { header(1, 0) } else { prefix() };
         let mut h = vec![ty, if ty == 0x99 { FLAG_SKIPPABLE } else { 0 }, 0, 0];
         h.extend_from_slice(&len.to_le_bytes());
         let c = crc32c::crc32c(&h);
@@ -484,9 +360,7 @@ fn oversize_lengths_are_refused_before_reading() {
         // No payload follows: had the reader tried to read it, this would be Truncated.
         let e = err_of(&b);
         match e {
-            StreamError::TooLong {
-                len: l, limit: m, ..
-            } => assert_eq!((l, m), (len as u64, limit as u64)),
+            StreamError::TooLong { len: l, limit: m, .. } => assert_eq!((l, m), (len as u64, limit as u64)),
             e => panic!("type {ty:#x}: {e}"),
         }
         assert!(err_of(&b).to_string().contains("exceeds limit"));
@@ -506,83 +380,24 @@ fn oversize_lengths_are_refused_before_reading() {
 #[test]
 fn malformed_sections() {
     let cases: Vec<(Vec<u8>, &str)> = vec![
+        (raw_section(section_type::RAM, 0, &ram_payload("ram0", &[0], 1)), "ok"),
+        (raw_section(section_type::RAM, 0, &ram_payload("ram9", &[0], 1)), "UnknownRamBlock"),
+        (raw_section(section_type::RAM, 0, &ram_payload("ram0", &[64], 1)), "PageOutOfRange"),
+        (raw_section(section_type::RAM, 0, &ram_payload("ram0", &[1 << 60], 1)), "Malformed"),
+        (raw_section(section_type::RAM, 0, &ram_payload("ram0", &[0], 2)), "Malformed"),
+        (raw_section(section_type::RAM, 0, &ram_payload("ram0", &[], 0)), "Malformed"),
+        (raw_section(section_type::RAM, 0, &ram_payload("ram0", &[0; 1025], 0)), "Malformed"),
+        (raw_section(section_type::DEVICE, 0, &device_payload("nvdimm", "nv0", 2, 1, b"x")), "ok"),
         (
-            raw_section(section_type::RAM, 0, &ram_payload("ram0", &[0], 1)),
-            "ok",
-        ),
-        (
-            raw_section(section_type::RAM, 0, &ram_payload("ram9", &[0], 1)),
-            "UnknownRamBlock",
-        ),
-        (
-            raw_section(section_type::RAM, 0, &ram_payload("ram0", &[64], 1)),
-            "PageOutOfRange",
-        ),
-        (
-            raw_section(section_type::RAM, 0, &ram_payload("ram0", &[1 << 60], 1)),
-            "Malformed",
-        ),
-        (
-            raw_section(section_type::RAM, 0, &ram_payload("ram0", &[0], 2)),
-            "Malformed",
-        ),
-        (
-            raw_section(section_type::RAM, 0, &ram_payload("ram0", &[], 0)),
-            "Malformed",
-        ),
-        (
-            raw_section(section_type::RAM, 0, &ram_payload("ram0", &[0; 1025], 0)),
-            "Malformed",
-        ),
-        (
-            raw_section(
-                section_type::DEVICE,
-                0,
-                &device_payload("nvdimm", "nv0", 2, 1, b"x"),
-            ),
-            "ok",
-        ),
-        (
-            raw_section(
-                section_type::DEVICE,
-                0,
-                &device_payload("nvdimm", "nv0", 3, 1, b"x"),
-            ),
+            raw_section(section_type::DEVICE, 0, &device_payload("nvdimm", "nv0", 3, 1, b"x")),
             "DeviceVersionTooNew",
         ),
-        (
-            raw_section(
-                section_type::DEVICE,
-                0,
-                &device_payload("vfio", "nv0", 1, 1, b"x"),
-            ),
-            "UnknownDevice",
-        ),
-        (
-            raw_section(
-                section_type::DEVICE,
-                0,
-                &device_payload("nvdimm", "nv9", 1, 1, b"x"),
-            ),
-            "UnknownDevice",
-        ),
-        (
-            raw_section(
-                section_type::DEVICE,
-                0,
-                &device_payload("nvdimm", "nv0", 1, 2, b"x"),
-            ),
-            "Malformed",
-        ),
-        (
-            raw_section(section_type::DEVICE, 0, &[3, b'a']),
-            "Malformed",
-        ),
+        (raw_section(section_type::DEVICE, 0, &device_payload("vfio", "nv0", 1, 1, b"x")), "UnknownDevice"),
+        (raw_section(section_type::DEVICE, 0, &device_payload("nvdimm", "nv9", 1, 1, b"x")), "UnknownDevice"),
+        (raw_section(section_type::DEVICE, 0, &device_payload("nvdimm", "nv0", 1, 2, b"x")), "Malformed"),
+        (raw_section(section_type::DEVICE, 0, &[3, b'a']), "Malformed"),
         (raw_section(section_type::VCPU, 0, &[1, 0, 0, 0, 9]), "ok"),
-        (
-            raw_section(section_type::VCPU, 0, &[2, 0, 0, 0, 9]),
-            "VcpuOutOfRange",
-        ),
+        (raw_section(section_type::VCPU, 0, &[2, 0, 0, 0, 9]), "VcpuOutOfRange"),
         (raw_section(section_type::VCPU, 0, &[2, 0]), "Malformed"),
         (raw_section(section_type::CONFIG, 0, &[]), "DuplicateConfig"),
         (raw_section(section_type::END, 0, &[0; 4]), "Malformed"),
@@ -602,53 +417,23 @@ fn malformed_sections() {
     let mut b = prefix();
     b.extend(end(5));
     let e = err_of(&b);
-    assert!(
-        matches!(
-            e,
-            StreamError::SectionCount {
-                stored: 5,
-                counted: 1
-            }
-        ),
-        "{e}"
-    );
+    assert!(matches!(e, StreamError::SectionCount { stored: 5, counted: 1 }), "{e}");
     // Not starting with a configuration.
     let mut b = header(1, 0);
     b.extend(end(0));
     let e = err_of(&b);
-    assert!(
-        matches!(e, StreamError::ConfigNotFirst { found: "end" }),
-        "{e}"
-    );
+    assert!(matches!(e, StreamError::ConfigNotFirst { found: "end" }), "{e}");
     // Bad configurations.
     for (mutate, want) in [
-        (
-            Box::new(|c: &mut ConfigSection| c.vcpus = 0) as Box<dyn Fn(&mut ConfigSection)>,
-            "vCPU count",
-        ),
-        (
-            Box::new(|c: &mut ConfigSection| c.ram_blocks[1].id = "ram0".into()),
-            "declared twice",
-        ),
-        (
-            Box::new(|c: &mut ConfigSection| c.devices[1].id = "nv0".into()),
-            "declared twice",
-        ),
-        (
-            Box::new(|c: &mut ConfigSection| c.ram_blocks[0].size = 100),
-            "multiple of the page size",
-        ),
-        (
-            Box::new(|c: &mut ConfigSection| c.devices[0].kind = "k".repeat(256)),
-            "exceeds limit",
-        ),
+        (Box::new(|c: &mut ConfigSection| c.vcpus = 0) as Box<dyn Fn(&mut ConfigSection)>, "vCPU count"),
+        (Box::new(|c: &mut ConfigSection| c.ram_blocks[1].id = "ram0".into()), "declared twice"),
+        (Box::new(|c: &mut ConfigSection| c.devices[1].id = "nv0".into()), "declared twice"),
+        (Box::new(|c: &mut ConfigSection| c.ram_blocks[0].size = 100), "multiple of the page size"),
+        (Box::new(|c: &mut ConfigSection| c.devices[0].kind = "k".repeat(256)), "exceeds limit"),
     ] {
         let mut c = config();
         mutate(&mut c);
-        let e = StreamWriter::new(Vec::new())
-            .unwrap()
-            .write_config(&c)
-            .unwrap_err();
+        let e = StreamWriter::new(Vec::new()).unwrap().write_config(&c).unwrap_err();
         assert!(e.to_string().contains(want), "{e}");
     }
 }
@@ -658,41 +443,23 @@ fn reader_misuse() {
     let (bytes, _) = sample();
     let mut r = StreamReader::new(&bytes[..]).unwrap();
     r.next_section().unwrap();
-    let Section::Ram(b) = r.next_section().unwrap() else {
-        panic!()
-    };
+    let Section::Ram(b) = r.next_section().unwrap() else { panic!() };
     let mut small = vec![0u8; 8 * PAGE_SIZE];
     let e = r.read_ram_into(&b, &mut small).unwrap_err();
-    assert!(
-        matches!(e, StreamError::DestinationTooSmall { index: 9, .. }),
-        "{e}"
-    );
+    assert!(matches!(e, StreamError::DestinationTooSmall { index: 9, .. }), "{e}");
 
     let mut r = StreamReader::new(&bytes[..]).unwrap();
     r.next_section().unwrap();
-    let Section::Ram(b) = r.next_section().unwrap() else {
-        panic!()
-    };
+    let Section::Ram(b) = r.next_section().unwrap() else { panic!() };
     let mut mem = vec![0u8; 64 * PAGE_SIZE];
     r.read_ram_into(&b, &mut mem).unwrap();
-    assert!(matches!(
-        r.read_ram_into(&b, &mut mem),
-        Err(StreamError::StaleBatch)
-    ));
+    assert!(matches!(r.read_ram_into(&b, &mut mem), Err(StreamError::StaleBatch)));
 
     let mut r = StreamReader::new(&bytes[..]).unwrap();
     r.next_section().unwrap();
-    let Section::Ram(b) = r.next_section().unwrap() else {
-        panic!()
-    };
+    let Section::Ram(b) = r.next_section().unwrap() else { panic!() };
     let e = r
-        .read_ram_with(&b, |i, _| {
-            if i == 3 {
-                Err(std::io::Error::other("no"))
-            } else {
-                Ok(())
-            }
-        })
+        .read_ram_with(&b, |i, _| if i == 3 { Err(std::io::Error::other("no")) } else { Ok(()) })
         .unwrap_err();
     assert!(matches!(e, StreamError::Sink { index: 3, .. }), "{e}");
 }
@@ -701,20 +468,11 @@ fn reader_misuse() {
 fn writer_refuses_what_the_reader_would() {
     let mut w = StreamWriter::new(Vec::new()).unwrap();
     let mem = memory(64, &[]);
-    assert!(matches!(
-        w.write_ram_block("ram0", &mem),
-        Err(StreamError::Order(_))
-    ));
+    assert!(matches!(w.write_ram_block("ram0", &mem), Err(StreamError::Order(_))));
     assert!(matches!(w.write_vcpu(0, &[]), Err(StreamError::Order(_))));
     w.write_config(&config()).unwrap();
-    assert!(matches!(
-        w.write_config(&config()),
-        Err(StreamError::Order(_))
-    ));
-    assert!(matches!(
-        w.write_ram_block("ramX", &mem),
-        Err(StreamError::UnknownRamBlock { .. })
-    ));
+    assert!(matches!(w.write_config(&config()), Err(StreamError::Order(_))));
+    assert!(matches!(w.write_ram_block("ramX", &mem), Err(StreamError::UnknownRamBlock { .. })));
     assert!(matches!(
         w.write_ram_pages("ram0", &mem, &[64]),
         Err(StreamError::PageOutOfRange { index: 64, .. })
@@ -727,9 +485,7 @@ fn writer_refuses_what_the_reader_would() {
         w.write_device("nvdimm", "io0", 1, DeviceStage::Complete, &[]),
         Err(StreamError::UnknownDevice { .. })
     ));
-    let e = w
-        .write_device("iohub", "io0", 2, DeviceStage::Complete, &[])
-        .unwrap_err();
+    let e = w.write_device("iohub", "io0", 2, DeviceStage::Complete, &[]).unwrap_err();
     assert_eq!(
         e.to_string(),
         "device section version 2 of \"iohub\" instance \"io0\" newer than supported 1"
@@ -739,14 +495,8 @@ fn writer_refuses_what_the_reader_would() {
         w.write_device("iohub", "io0", 1, DeviceStage::Complete, &big),
         Err(StreamError::TooLong { .. })
     ));
-    assert!(matches!(
-        w.write_vcpu(2, &[]),
-        Err(StreamError::VcpuOutOfRange { .. })
-    ));
-    assert!(matches!(
-        w.write_vcpu(0, &big[..MAX_VCPU_DATA as usize + 1]),
-        Err(StreamError::TooLong { .. })
-    ));
+    assert!(matches!(w.write_vcpu(2, &[]), Err(StreamError::VcpuOutOfRange { .. })));
+    assert!(matches!(w.write_vcpu(0, &big[..MAX_VCPU_DATA as usize + 1]), Err(StreamError::TooLong { .. })));
     // Nothing of that reached the stream: it still reads.
     let bytes = w.finish().unwrap();
     assert_eq!(read_all(&bytes).unwrap().0.len(), 2);
@@ -833,10 +583,7 @@ fn random_and_mutated_inputs_never_panic() {
             refused += 1;
         }
     }
-    assert!(
-        refused > 3900,
-        "mutations should almost always be refused, {refused} were"
-    );
+    assert!(refused > 3900, "mutations should almost always be refused, {refused} were");
 }
 
 #[test]
@@ -863,21 +610,11 @@ fn compatibility() {
     });
     let e = check_compatibility(&local, &inc).unwrap_err();
     let m = &e.mismatches;
-    assert!(m.contains(&Mismatch::RamSize {
-        source_size: 128 * 4096,
-        local: 64 * 4096
-    }));
-    assert!(m.contains(&Mismatch::VcpuCount {
-        source_count: 4,
-        local: 2
-    }));
+    assert!(m.contains(&Mismatch::RamSize { source_size: 128 * 4096, local: 64 * 4096 }));
+    assert!(m.contains(&Mismatch::VcpuCount { source_count: 4, local: 2 }));
     assert!(m.contains(&Mismatch::MissingRamBlock { id: "ramA".into() }));
     assert!(m.contains(&Mismatch::ExtraRamBlock { id: "ram0".into() }));
-    assert!(m.contains(&Mismatch::RamBlockSize {
-        id: "nv0/ram".into(),
-        source_size: 4096,
-        local: 4 * 4096
-    }));
+    assert!(m.contains(&Mismatch::RamBlockSize { id: "nv0/ram".into(), source_size: 4096, local: 4 * 4096 }));
     assert!(m.contains(&Mismatch::SectionVersionTooNew {
         id: "nv0".into(),
         kind: "nvdimm".into(),
@@ -889,61 +626,28 @@ fn compatibility() {
         source_kind: "vfio-pci".into(),
         local: "iohub".into()
     }));
-    assert!(m.contains(&Mismatch::MissingDevice {
-        id: "d9".into(),
-        kind: "pc-dimm".into()
-    }));
+    assert!(m.contains(&Mismatch::MissingDevice { id: "d9".into(), kind: "pc-dimm".into() }));
     assert_eq!(m.len(), 8, "{e}");
     let text = e.to_string();
     assert!(
         text.contains("state version 3 is newer than the destination plugin's state_version 2"),
         "{text}"
     );
-    assert!(
-        text.contains("device \"d9\" (pc-dimm) of the source is missing on the destination"),
-        "{text}"
-    );
+    assert!(text.contains("device \"d9\" (pc-dimm) of the source is missing on the destination"), "{text}");
 
     let mut fewer = local.clone();
     fewer.devices.pop();
     let e = check_compatibility(&local, &fewer).unwrap_err();
-    assert_eq!(
-        e.mismatches,
-        [Mismatch::ExtraDevice {
-            id: "io0".into(),
-            kind: "iohub".into()
-        }]
-    );
+    assert_eq!(e.mismatches, [Mismatch::ExtraDevice { id: "io0".into(), kind: "iohub".into() }]);
 }
 
 #[test]
 fn uri_parsing() {
     let ok = [
-        (
-            "tcp:127.0.0.1:4444",
-            MigrationUri::Tcp {
-                host: "127.0.0.1".into(),
-                port: 4444,
-            },
-        ),
-        (
-            "tcp:[::1]:0",
-            MigrationUri::Tcp {
-                host: "::1".into(),
-                port: 0,
-            },
-        ),
-        (
-            "tcp:host.example:1",
-            MigrationUri::Tcp {
-                host: "host.example".into(),
-                port: 1,
-            },
-        ),
-        (
-            "unix:/run/mig.sock",
-            MigrationUri::Unix("/run/mig.sock".into()),
-        ),
+        ("tcp:127.0.0.1:4444", MigrationUri::Tcp { host: "127.0.0.1".into(), port: 4444 }),
+        ("tcp:[::1]:0", MigrationUri::Tcp { host: "::1".into(), port: 0 }),
+        ("tcp:host.example:1", MigrationUri::Tcp { host: "host.example".into(), port: 1 }),
+        ("unix:/run/mig.sock", MigrationUri::Unix("/run/mig.sock".into())),
         ("file:/tmp/a:b", MigrationUri::File("/tmp/a:b".into())),
     ];
     for (s, want) in ok {
@@ -978,8 +682,7 @@ fn over_transport(uri: &MigrationUri) {
         let mut w = StreamWriter::new(s).unwrap();
         w.write_config(&config()).unwrap();
         w.write_ram_block("ram0", &ram2).unwrap();
-        w.write_device("nvdimm", "nv0", 2, DeviceStage::Complete, &[3; 5000])
-            .unwrap();
+        w.write_device("nvdimm", "nv0", 2, DeviceStage::Complete, &[3; 5000]).unwrap();
         w.write_vcpu(0, b"regs").unwrap();
         w.finish().unwrap();
     });
@@ -1035,10 +738,7 @@ fn file_transport() {
     let uri = MigrationUri::File(dir.path().join("vm.mig"));
     over_transport(&uri);
     let mut s = listen(&uri).unwrap().accept().unwrap();
-    assert!(
-        s.write(b"x").is_err(),
-        "the destination's file is read-only"
-    );
+    assert!(s.write(b"x").is_err(), "the destination's file is read-only");
     assert!(matches!(s.try_clone(), Err(TransportError::NoReturnPath)));
     let mut magic = [0u8; 8];
     s.read_exact(&mut magic).unwrap();
@@ -1050,14 +750,8 @@ fn transport_errors() {
     let dir = tempfile::tempdir().unwrap();
     let e = connect(&MigrationUri::Unix(dir.path().join("none"))).unwrap_err();
     assert!(e.to_string().starts_with("cannot connect to unix:"), "{e}");
-    let e = listen(&MigrationUri::File(dir.path().join("none")))
-        .unwrap()
-        .accept()
-        .unwrap_err();
-    assert!(
-        e.to_string().starts_with("cannot open migration file"),
-        "{e}"
-    );
+    let e = listen(&MigrationUri::File(dir.path().join("none"))).unwrap().accept().unwrap_err();
+    assert!(e.to_string().starts_with("cannot open migration file"), "{e}");
     // A regular file where the socket should go is not removed.
     let f = dir.path().join("plain");
     std::fs::write(&f, b"keep").unwrap();
@@ -1065,16 +759,8 @@ fn transport_errors() {
     assert!(e.to_string().starts_with("cannot listen on unix:"), "{e}");
     assert_eq!(std::fs::read(&f).unwrap(), b"keep");
     // A closed port.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let e = connect(&MigrationUri::Tcp {
-        host: "127.0.0.1".into(),
-        port,
-    })
-    .unwrap_err();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let e = connect(&MigrationUri::Tcp { host: "127.0.0.1".into(), port }).unwrap_err();
     assert!(matches!(e, TransportError::Connect(..)), "{e}");
 }
 

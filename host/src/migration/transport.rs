@@ -71,34 +71,20 @@ impl FromStr for MigrationUri {
             .split_once(':')
             .filter(|(s, _)| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphabetic()))
             .ok_or_else(|| TransportError::NoScheme(uri.into()))?;
-        let bad = |reason| TransportError::BadUri {
-            uri: uri.into(),
-            reason,
-        };
+        let bad = |reason| TransportError::BadUri { uri: uri.into(), reason };
         match scheme {
             "tcp" => {
-                let (host, port) = rest
-                    .rsplit_once(':')
-                    .ok_or_else(|| bad("expected tcp:HOST:PORT"))?;
+                let (host, port) = rest.rsplit_once(':').ok_or_else(|| bad("expected tcp:HOST:PORT"))?;
                 let host = match host.strip_prefix('[') {
-                    Some(h) => h
-                        .strip_suffix(']')
-                        .ok_or_else(|| bad("unclosed '[' in the host"))?,
-                    None if host.contains(':') => {
-                        return Err(bad("an IPv6 host must be in brackets"))
-                    }
+                    Some(h) => h.strip_suffix(']').ok_or_else(|| bad("unclosed '[' in the host"))?,
+                    None if host.contains(':') => return Err(bad("an IPv6 host must be in brackets")),
                     None => host,
                 };
                 if host.is_empty() {
                     return Err(bad("empty host"));
                 }
-                let port = port
-                    .parse()
-                    .map_err(|_| bad("port is not a number in 0..=65535"))?;
-                Ok(Self::Tcp {
-                    host: host.into(),
-                    port,
-                })
+                let port = port.parse().map_err(|_| bad("port is not a number in 0..=65535"))?;
+                Ok(Self::Tcp { host: host.into(), port })
             }
             "unix" | "file" if rest.is_empty() => Err(bad("empty path")),
             "unix" => Ok(Self::Unix(rest.into())),
@@ -163,24 +149,17 @@ impl MigrationStream {
     /// A second handle on the same connection, for a return path.
     pub fn try_clone(&self) -> Result<Self, TransportError> {
         match self {
-            Self::Tcp(s) => s
-                .try_clone()
-                .map(Self::Tcp)
-                .map_err(|e| TransportError::SocketOption("dup", e)),
-            Self::Unix(s) => s
-                .try_clone()
-                .map(Self::Unix)
-                .map_err(|e| TransportError::SocketOption("dup", e)),
+            Self::Tcp(s) => s.try_clone().map(Self::Tcp).map_err(|e| TransportError::SocketOption("dup", e)),
+            Self::Unix(s) => {
+                s.try_clone().map(Self::Unix).map_err(|e| TransportError::SocketOption("dup", e))
+            }
             Self::FileWrite(_) | Self::FileRead(_) => Err(TransportError::NoReturnPath),
         }
     }
 }
 
 fn wrong_direction() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::Unsupported,
-        "migration file stream opened for the other direction",
-    )
+    io::Error::new(io::ErrorKind::Unsupported, "migration file stream opened for the other direction")
 }
 
 impl Read for MigrationStream {
@@ -231,15 +210,10 @@ impl Write for MigrationStream {
 
 fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, TransportError> {
     let what = || format!("{host}:{port}");
-    let addrs: Vec<_> = (host, port)
-        .to_socket_addrs()
-        .map_err(|e| TransportError::Resolve(what(), e))?
-        .collect();
+    let addrs: Vec<_> =
+        (host, port).to_socket_addrs().map_err(|e| TransportError::Resolve(what(), e))?.collect();
     if addrs.is_empty() {
-        return Err(TransportError::Resolve(
-            what(),
-            io::ErrorKind::NotFound.into(),
-        ));
+        return Err(TransportError::Resolve(what(), io::ErrorKind::NotFound.into()));
     }
     Ok(addrs)
 }
@@ -269,8 +243,7 @@ pub fn connect(uri: &MigrationUri) -> Result<MigrationStream, TransportError> {
             MigrationStream::Tcp(s)
         }
         MigrationUri::Unix(path) => {
-            let s = UnixStream::connect(path)
-                .map_err(|e| TransportError::Connect(uri.to_string(), e))?;
+            let s = UnixStream::connect(path).map_err(|e| TransportError::Connect(uri.to_string(), e))?;
             set_buffers(&s)?;
             MigrationStream::Unix(s)
         }
@@ -298,18 +271,15 @@ pub fn listen(uri: &MigrationUri) -> Result<MigrationListener, TransportError> {
     let l = match uri {
         MigrationUri::Tcp { host, port } => {
             let addrs = resolve(host, *port)?;
-            let l = TcpListener::bind(&addrs[..])
-                .map_err(|e| TransportError::Listen(uri.to_string(), e))?;
+            let l = TcpListener::bind(&addrs[..]).map_err(|e| TransportError::Listen(uri.to_string(), e))?;
             MigrationListener::Tcp(l)
         }
         MigrationUri::Unix(path) => {
             if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
                 log::info!("migration: replacing stale socket {}", path.display());
-                std::fs::remove_file(path)
-                    .map_err(|e| TransportError::Listen(uri.to_string(), e))?;
+                std::fs::remove_file(path).map_err(|e| TransportError::Listen(uri.to_string(), e))?;
             }
-            let l =
-                UnixListener::bind(path).map_err(|e| TransportError::Listen(uri.to_string(), e))?;
+            let l = UnixListener::bind(path).map_err(|e| TransportError::Listen(uri.to_string(), e))?;
             MigrationListener::Unix(l, path.clone())
         }
         MigrationUri::File(path) => MigrationListener::File(path.clone()),
@@ -323,14 +293,8 @@ impl MigrationListener {
     pub fn uri(&self) -> MigrationUri {
         match self {
             Self::Tcp(l) => match l.local_addr() {
-                Ok(a) => MigrationUri::Tcp {
-                    host: a.ip().to_string(),
-                    port: a.port(),
-                },
-                Err(_) => MigrationUri::Tcp {
-                    host: "?".into(),
-                    port: 0,
-                },
+                Ok(a) => MigrationUri::Tcp { host: a.ip().to_string(), port: a.port() },
+                Err(_) => MigrationUri::Tcp { host: "?".into(), port: 0 },
             },
             Self::Unix(_, p) => MigrationUri::Unix(p.clone()),
             Self::File(p) => MigrationUri::File(p.clone()),
@@ -377,9 +341,7 @@ impl MigrationListener {
         let uri = self.uri();
         let s = match self {
             Self::Tcp(l) => {
-                let (s, peer) = l
-                    .accept()
-                    .map_err(|e| TransportError::Accept(uri.to_string(), e))?;
+                let (s, peer) = l.accept().map_err(|e| TransportError::Accept(uri.to_string(), e))?;
                 log::info!("migration: accepted {peer} on {uri}");
                 tune_tcp(&s)?;
                 MigrationStream::Tcp(s)
@@ -410,8 +372,7 @@ impl MigrationListener {
 /// only set where that limit is below [`SOCKET_BUFFER`]. Measured on
 /// loopback, auto-tuned buffers were as fast or faster than fixed 4 MiB ones.
 fn tune_tcp(s: &TcpStream) -> Result<(), TransportError> {
-    s.set_nodelay(false)
-        .map_err(|e| TransportError::SocketOption("TCP_NODELAY", e))?;
+    s.set_nodelay(false).map_err(|e| TransportError::SocketOption("TCP_NODELAY", e))?;
     if autotune_max("/proc/sys/net/ipv4/tcp_wmem").min(autotune_max("/proc/sys/net/ipv4/tcp_rmem"))
         >= SOCKET_BUFFER
     {
@@ -429,10 +390,7 @@ fn autotune_max(path: &str) -> usize {
 }
 
 fn set_buffers(s: &impl AsRawFd) -> Result<(), TransportError> {
-    for (opt, name) in [
-        (libc::SO_SNDBUF, "SO_SNDBUF"),
-        (libc::SO_RCVBUF, "SO_RCVBUF"),
-    ] {
+    for (opt, name) in [(libc::SO_SNDBUF, "SO_SNDBUF"), (libc::SO_RCVBUF, "SO_RCVBUF")] {
         let want = SOCKET_BUFFER as libc::c_int;
         if get_sockopt(s, opt).is_ok_and(|have| have >= want) {
             continue;

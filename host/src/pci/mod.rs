@@ -99,7 +99,10 @@ pub struct ConfigTarget {
 /// under CONFIG_ADDRESS `address`; `None` when it reaches no function
 /// (disabled, another bus, function != 0, or straddling the data port).
 pub fn decode(address: u32, port_offset: u64, len: usize) -> Option<ConfigTarget> {
-    if address & ENABLE == 0 || !matches!(len, 1 | 2 | 4) || port_offset.checked_add(len as u64).is_none_or(|end| end > 4) {
+    if address & ENABLE == 0
+        || !matches!(len, 1 | 2 | 4)
+        || port_offset.checked_add(len as u64).is_none_or(|end| end > 4)
+    {
         return None;
     }
     let bus = (address >> 16) & 0xff;
@@ -320,7 +323,8 @@ impl PciBus {
 
     fn report(&self, id: &str, what: &str, offset: u32, e: &PluginError) {
         self.errors.log(|suppressed| {
-            let more = if suppressed > 0 { format!(" ({suppressed} more suppressed)") } else { String::new() };
+            let more =
+                if suppressed > 0 { format!(" ({suppressed} more suppressed)") } else { String::new() };
             log::warn!("pci: {id}: config {what} at {offset:#x}: {e}{more}");
         });
     }
@@ -328,7 +332,8 @@ impl PciBus {
 
 impl BusDevice for PciBus {
     fn read(&self, space: IoSpace, addr: u64, data: &mut [u8]) {
-        let Some(off) = addr.checked_sub(u64::from(CONFIG_ADDRESS_PORT)).filter(|_| space == IoSpace::Pio) else {
+        let Some(off) = addr.checked_sub(u64::from(CONFIG_ADDRESS_PORT)).filter(|_| space == IoSpace::Pio)
+        else {
             data.fill(0xff);
             return;
         };
@@ -347,7 +352,8 @@ impl BusDevice for PciBus {
     }
 
     fn write(&self, space: IoSpace, addr: u64, data: &[u8]) {
-        let Some(off) = addr.checked_sub(u64::from(CONFIG_ADDRESS_PORT)).filter(|_| space == IoSpace::Pio) else {
+        let Some(off) = addr.checked_sub(u64::from(CONFIG_ADDRESS_PORT)).filter(|_| space == IoSpace::Pio)
+        else {
             return;
         };
         if off < 4 {

@@ -12,9 +12,8 @@ use std::{
 };
 
 use kvm_bindings::{
-    kvm_irq_routing_entry, kvm_irq_routing_irqchip, kvm_irq_routing_msi, KvmIrqRouting,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
-    KVM_IRQ_ROUTING_MSI,
+    kvm_irq_routing_entry, kvm_irq_routing_irqchip, kvm_irq_routing_msi, KvmIrqRouting, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
@@ -119,7 +118,14 @@ impl MsiRoutes {
     /// Deliver (`address`, `data`) whenever `fd` is written; registering
     /// the same fd of the same owner again updates its message. Returns
     /// the GSI.
-    pub fn register(&self, vm: &VmFd, owner: &str, fd: RawFd, address: u64, data: u32) -> Result<u32, MsiError> {
+    pub fn register(
+        &self,
+        vm: &VmFd,
+        owner: &str,
+        fd: RawFd,
+        address: u64,
+        data: u32,
+    ) -> Result<u32, MsiError> {
         if fd < 0 {
             return Err(MsiError::BadFd(fd));
         }
@@ -134,7 +140,9 @@ impl MsiRoutes {
             }
             return Ok(gsi);
         }
-        let gsi = (FIRST_MSI_GSI..FIRST_MSI_GSI + MAX_MSI_ROUTES).find(|g| !routes.contains_key(g)).ok_or(MsiError::NoGsi)?;
+        let gsi = (FIRST_MSI_GSI..FIRST_MSI_GSI + MAX_MSI_ROUTES)
+            .find(|g| !routes.contains_key(g))
+            .ok_or(MsiError::NoGsi)?;
         routes.insert(gsi, Route { owner: owner.to_owned(), fd, address, data });
         if let Err(e) = Self::commit(vm, &routes) {
             routes.remove(&gsi);
@@ -160,7 +168,8 @@ impl MsiRoutes {
             .map(|(&g, _)| g)
             .ok_or_else(|| MsiError::NotOwner { fd, owner: owner.to_owned() })?;
         routes.remove(&gsi);
-        let irqfd = vm.unregister_irqfd(&borrow_eventfd(fd), gsi).map_err(|source| MsiError::Irqfd { gsi, source });
+        let irqfd =
+            vm.unregister_irqfd(&borrow_eventfd(fd), gsi).map_err(|source| MsiError::Irqfd { gsi, source });
         Self::commit(vm, &routes)?;
         irqfd
     }
@@ -194,13 +203,17 @@ mod tests {
         assert_eq!(v.len(), 24 + 16);
         assert!(v.iter().all(|e| e.type_ == KVM_IRQ_ROUTING_IRQCHIP));
         // SAFETY: every entry was built with its irqchip member.
-        let pins: Vec<(u32, u32, u32)> = v.iter().map(|e| (e.gsi, unsafe { e.u.irqchip.irqchip }, unsafe { e.u.irqchip.pin })).collect();
+        let pins: Vec<(u32, u32, u32)> =
+            v.iter().map(|e| (e.gsi, unsafe { e.u.irqchip.irqchip }, unsafe { e.u.irqchip.pin })).collect();
         assert!(pins.contains(&(10, KVM_IRQCHIP_IOAPIC, 10)));
         assert!(pins.contains(&(10, KVM_IRQCHIP_PIC_SLAVE, 2)));
         assert!(pins.contains(&(23, KVM_IRQCHIP_IOAPIC, 23)));
         let e = msi_entry(30, 0x1_fee0_0000, 0x45);
         // SAFETY: built with its msi member.
         let m = unsafe { e.u.msi };
-        assert_eq!((e.type_, m.address_lo, m.address_hi, m.data), (KVM_IRQ_ROUTING_MSI, 0xfee0_0000, 1, 0x45));
+        assert_eq!(
+            (e.type_, m.address_lo, m.address_hi, m.data),
+            (KVM_IRQ_ROUTING_MSI, 0xfee0_0000, 1, 0x45)
+        );
     }
 }

@@ -45,10 +45,9 @@ pub fn runner_path() -> Result<PathBuf, PluginError> {
         return Ok(exe);
     }
     let dir = exe.parent().map(PathBuf::from).unwrap_or_default();
-    [dir.join("dmhost"), dir.join("../dmhost")]
-        .into_iter()
-        .find(|p| p.is_file())
-        .ok_or_else(|| PluginError::io(format!("no dmhost runner found near {}; set {RUNNER_ENV}", exe.display())))
+    [dir.join("dmhost"), dir.join("../dmhost")].into_iter().find(|p| p.is_file()).ok_or_else(|| {
+        PluginError::io(format!("no dmhost runner found near {}; set {RUNNER_ENV}", exe.display()))
+    })
 }
 
 /// Create device `id` with `factory` in this process, or in its own

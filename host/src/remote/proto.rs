@@ -223,7 +223,10 @@ impl Request {
 
     /// `a1` as a length no larger than `max`.
     pub fn len_arg(&self, max: usize) -> Result<usize, ProtoError> {
-        usize::try_from(self.a1).ok().filter(|&n| n <= max).ok_or(ProtoError::Malformed(self.payload.len() + HEADER))
+        usize::try_from(self.a1)
+            .ok()
+            .filter(|&n| n <= max)
+            .ok_or(ProtoError::Malformed(self.payload.len() + HEADER))
     }
 }
 
@@ -311,7 +314,10 @@ impl Channel {
 
     /// Fail receives that wait longer than `t`.
     pub fn set_recv_timeout(&self, t: std::time::Duration) -> io::Result<()> {
-        let tv = libc::timeval { tv_sec: t.as_secs() as libc::time_t, tv_usec: t.subsec_micros() as libc::suseconds_t };
+        let tv = libc::timeval {
+            tv_sec: t.as_secs() as libc::time_t,
+            tv_usec: t.subsec_micros() as libc::suseconds_t,
+        };
         // SAFETY: a valid timeval of the size given, for a socket we own.
         let r = unsafe {
             libc::setsockopt(
@@ -335,7 +341,7 @@ impl Channel {
         }
         let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
         let mut cmsg = [0u64; 8]; // room for CMSG_SPACE(4 fds), aligned
-        // SAFETY: a zeroed msghdr is a valid empty message.
+                                  // SAFETY: a zeroed msghdr is a valid empty message.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;

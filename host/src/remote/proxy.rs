@@ -19,8 +19,8 @@ use std::{
 };
 
 use dmhost_plugin_api::{
-    DsmReply, DsmRequest, ErrorKind, GuestRegion, Host, IoSpace, MemoryRegion, PendingSize, PlugInfo, PluginError,
-    RSlice, RSliceMut, RStr, SaveChunk,
+    DsmReply, DsmRequest, ErrorKind, GuestRegion, Host, IoSpace, MemoryRegion, PendingSize, PlugInfo,
+    PluginError, RSlice, RSliceMut, RStr, SaveChunk,
 };
 
 use super::{
@@ -163,7 +163,13 @@ impl RemoteDevice {
         self.child.lock().unwrap_or_else(|p| p.into_inner()).id()
     }
 
-    fn call_fds(&self, op: Op, a0: u64, a1: u64, payload: &[u8]) -> Result<(Vec<u8>, Vec<OwnedFd>), PluginError> {
+    fn call_fds(
+        &self,
+        op: Op,
+        a0: u64,
+        a1: u64,
+        payload: &[u8],
+    ) -> Result<(Vec<u8>, Vec<OwnedFd>), PluginError> {
         if self.failed.load(Ordering::Acquire) {
             return Err(fenced(&self.id));
         }
@@ -206,7 +212,10 @@ impl RemoteDevice {
         // file), so RAM the device registers for migration shares the
         // guest's mapping; otherwise the region alone.
         let backend = (data.len() == 50).then(|| (w(34), w(42))).filter(|&(b_size, b_off)| {
-            fd_offset >= b_off && b_off.checked_add(b_size).is_some_and(|e| fd_offset.checked_add(size).is_some_and(|r| r <= e))
+            fd_offset >= b_off
+                && b_off
+                    .checked_add(b_size)
+                    .is_some_and(|e| fd_offset.checked_add(size).is_some_and(|r| r <= e))
         });
         let (map_off, map_size) = backend.map_or((fd_offset, size), |(b_size, b_off)| (b_off, b_size));
         let fd = fds.remove(0);
@@ -244,7 +253,9 @@ impl RemoteDevice {
             let n = (total - out.len()).min(MAX_DATA);
             let chunk = self.call(Op::ReadChunk, out.len() as u64, n as u64, &[])?;
             if chunk.len() != n {
-                return Err(self.violation(&format!("{op:?}: chunk of {n} bytes answered with {}", chunk.len())));
+                return Err(
+                    self.violation(&format!("{op:?}: chunk of {n} bytes answered with {}", chunk.len()))
+                );
             }
             out.extend_from_slice(&chunk);
         }
@@ -254,7 +265,8 @@ impl RemoteDevice {
     /// Reply of exactly `N` bytes.
     fn call_fixed<const N: usize>(&self, op: Op) -> Result<[u8; N], PluginError> {
         let r = self.call(op, 0, 0, &[])?;
-        <[u8; N]>::try_from(r.as_slice()).map_err(|_| self.violation(&format!("{op:?} reply of {} bytes", r.len())))
+        <[u8; N]>::try_from(r.as_slice())
+            .map_err(|_| self.violation(&format!("{op:?} reply of {} bytes", r.len())))
     }
 
     pub fn memory_region(&self) -> Option<GuestRegion> {
@@ -278,7 +290,8 @@ impl RemoteDevice {
                 Ok(())
             }
             Ok(reply) => {
-                let e = PluginError::io(format!("read of {} bytes answered with {}", data.len(), reply.len()));
+                let e =
+                    PluginError::io(format!("read of {} bytes answered with {}", data.len(), reply.len()));
                 self.fail(&e);
                 Err(e)
             }
@@ -395,7 +408,9 @@ impl RemoteDevice {
         p.extend_from_slice(&req.arg3);
         let r = self.call(Op::Dsm, u64::from(req.handle), p.len() as u64, &p)?;
         match r.split_first_chunk::<4>() {
-            Some((status, data)) => Ok(DsmReply { status: u32::from_le_bytes(*status), data: data.to_vec().into() }),
+            Some((status, data)) => {
+                Ok(DsmReply { status: u32::from_le_bytes(*status), data: data.to_vec().into() })
+            }
             None => Err(self.violation(&format!("_DSM reply of {} bytes", r.len()))),
         }
     }
@@ -482,7 +497,8 @@ impl ServiceCtx {
         let target = if target.is_empty() { "device".to_owned() } else { target };
         let msg = clean(msg, MAX_LOG);
         self.log_limit.log(|suppressed| {
-            let more = if suppressed > 0 { format!(" ({suppressed} records suppressed)") } else { String::new() };
+            let more =
+                if suppressed > 0 { format!(" ({suppressed} records suppressed)") } else { String::new() };
             log::logger().log(
                 &log::Record::builder()
                     .level(level)
@@ -520,7 +536,10 @@ fn serve(svc: &Channel, ctx: &ServiceCtx) {
             Ok(req) => handle(&req, fds, ctx),
             Err(e) => {
                 log::warn!("device {}: malformed service request: {e}", ctx.id);
-                (Err(PluginError::new(ErrorKind::InvalidState, format!("malformed request: {e}"))), Vec::new())
+                (
+                    Err(PluginError::new(ErrorKind::InvalidState, format!("malformed request: {e}"))),
+                    Vec::new(),
+                )
             }
         };
         if let Err(e) = svc.send(&encode_reply(&reply), &fds) {
@@ -555,7 +574,9 @@ fn handle(req: &Request, fds: Vec<OwnedFd>, ctx: &ServiceCtx) -> Reply {
             Err(_) => Err(bad("physmap_add")),
         },
         Op::PhysmapRemove => unit(host.physmap_remove(req.a0, req.a1)),
-        Op::SetIrqLine => u32_arg(req.a0, "set_irq_line").and_then(|g| unit(host.set_irq_line(g, req.a1 != 0))),
+        Op::SetIrqLine => {
+            u32_arg(req.a0, "set_irq_line").and_then(|g| unit(host.set_irq_line(g, req.a1 != 0)))
+        }
         Op::ReadGuest => match req.len_arg(MAX_DATA) {
             Ok(n) => {
                 let mut buf = vec![0u8; n];
@@ -591,7 +612,10 @@ fn handle(req: &Request, fds: Vec<OwnedFd>, ctx: &ServiceCtx) -> Reply {
         Op::RegisterRam => register_ram(req, fds, ctx),
         Op::UnregisterRam => name_of(&req.payload, "unregister_ram").and_then(|name| {
             if !ctx.resources().has_ram(&name) {
-                return Err(PluginError::new(ErrorKind::Denied, format!("RAM {name} was not registered by this device")));
+                return Err(PluginError::new(
+                    ErrorKind::Denied,
+                    format!("RAM {name} was not registered by this device"),
+                ));
             }
             unit(host.unregister_ram(RStr::from(name.as_str())))?;
             let _ = ctx.resources().unmap_ram(&name);
@@ -602,7 +626,10 @@ fn handle(req: &Request, fds: Vec<OwnedFd>, ctx: &ServiceCtx) -> Reply {
             let key = req.a1 as i64;
             let fd = ctx.resources().irqfd(gsi, key).map(|f| f.fd.as_raw_fd());
             let Some(fd) = fd else {
-                return Err(PluginError::new(ErrorKind::Denied, format!("no irqfd {key} registered on GSI {gsi}")));
+                return Err(PluginError::new(
+                    ErrorKind::Denied,
+                    format!("no irqfd {key} registered on GSI {gsi}"),
+                ));
             };
             unit(host.unregister_irqfd(gsi, fd))?;
             ctx.resources().remove_irqfd(gsi, key);
@@ -814,7 +841,8 @@ mod tests {
             return;
         }
         let sink: crate::vm::vcpu::SerialSink = Arc::new(|_: &[u8]| {});
-        let vm = crate::vm::Vm::new(crate::vm::VmConfig { ram_size: 2 << 20, vcpus: 1, serial: sink }).unwrap();
+        let vm =
+            crate::vm::Vm::new(crate::vm::VmConfig { ram_size: 2 << 20, vcpus: 1, serial: sink }).unwrap();
         let on_vm = |id: &str| ServiceCtx {
             id: id.into(),
             host: DeviceServices::new(Arc::downgrade(vm.shared()), id).host(),
@@ -827,7 +855,10 @@ mod tests {
         let (r, _) = handle(&req(Op::RegisterRam, 8192, 4096, b"\0a/ram"), vec![memfd()], &a);
         r.unwrap();
         let block = vm.ram_blocks().into_iter().find(|x| x.name == "a/ram").unwrap();
-        assert_eq!((block.size, block.fd_offset, block.owner.clone()), (8192, 4096, crate::vm::physmap::Owner::Device("a".into())));
+        assert_eq!(
+            (block.size, block.fd_offset, block.owner.clone()),
+            (8192, 4096, crate::vm::physmap::Owner::Device("a".into()))
+        );
         let (r, _) = handle(&req(Op::UnregisterRam, 0, 0, b"a/ram"), vec![], &b);
         assert_eq!(r.unwrap_err().kind, ErrorKind::Denied, "another device cannot unregister it");
         let (r, _) = handle(&req(Op::MarkDirty, 0, 4096, b"a/ram"), vec![], &b);

@@ -86,7 +86,12 @@ impl SharedMapping {
     /// every argument is checked).
     pub fn map(fd: OwnedFd, fd_offset: u64, size: u64, read_only: bool) -> Result<Self, ResourceError> {
         let page = 4096;
-        if size == 0 || !size.is_multiple_of(page) || !fd_offset.is_multiple_of(page) || size > MAX_MAPPING || fd_offset > i64::MAX as u64 {
+        if size == 0
+            || !size.is_multiple_of(page)
+            || !fd_offset.is_multiple_of(page)
+            || size > MAX_MAPPING
+            || fd_offset > i64::MAX as u64
+        {
             return Err(ResourceError::BadRange { size, offset: fd_offset });
         }
         // A device process that shrank the file under our mapping would
@@ -329,7 +334,10 @@ mod tests {
         r.set_guest(g);
         let p = r.map_ram("a/ram", fd.try_clone().unwrap(), 4096, 8192, false).unwrap();
         assert_eq!(p.host_addr, base + 4096);
-        assert!(matches!(r.map_ram("a/ram", fd.try_clone().unwrap(), 0, 4096, false), Err(ResourceError::DuplicateRam(_))));
+        assert!(matches!(
+            r.map_ram("a/ram", fd.try_clone().unwrap(), 0, 4096, false),
+            Err(ResourceError::DuplicateRam(_))
+        ));
         // Another file: its own mapping.
         let other = memfd(8192);
         let q = r.map_ram("b/ram", other, 0, 8192, false).unwrap();
@@ -346,9 +354,18 @@ mod tests {
     #[test]
     fn bad_ranges_and_descriptors_are_refused() {
         let fd = memfd(8192);
-        assert!(matches!(SharedMapping::map(fd.try_clone().unwrap(), 0, 16384, false), Err(ResourceError::FileTooSmall { .. })));
-        assert!(matches!(SharedMapping::map(fd.try_clone().unwrap(), 1, 4096, false), Err(ResourceError::BadRange { .. })));
-        assert!(matches!(SharedMapping::map(fd.try_clone().unwrap(), 0, 0, false), Err(ResourceError::BadRange { .. })));
+        assert!(matches!(
+            SharedMapping::map(fd.try_clone().unwrap(), 0, 16384, false),
+            Err(ResourceError::FileTooSmall { .. })
+        ));
+        assert!(matches!(
+            SharedMapping::map(fd.try_clone().unwrap(), 1, 4096, false),
+            Err(ResourceError::BadRange { .. })
+        ));
+        assert!(matches!(
+            SharedMapping::map(fd.try_clone().unwrap(), 0, 0, false),
+            Err(ResourceError::BadRange { .. })
+        ));
         assert!(matches!(
             SharedMapping::map(fd.try_clone().unwrap(), !4095, 4096, false),
             Err(ResourceError::BadRange { .. })

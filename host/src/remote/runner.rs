@@ -17,8 +17,8 @@ use std::{
 
 use dmhost_plugin_api::{
     abi_stable::{sabi_trait::TD_Opaque, std_types::RArc},
-    DeviceBox, DsmRequest, ErrorKind, HostServices, HostServices_TO, IoSpace, MemoryRegion, PlugInfo, PluginError,
-    RResult, RSlice, RSliceMut, RStr,
+    DeviceBox, DsmRequest, ErrorKind, HostServices, HostServices_TO, IoSpace, MemoryRegion, PlugInfo,
+    PluginError, RResult, RSlice, RSliceMut, RStr,
 };
 use serde::Deserialize;
 
@@ -96,7 +96,10 @@ impl RunnerHost {
                 // SAFETY: writing 8 bytes from a live buffer to an eventfd we own.
                 let n = unsafe { libc::write(l.irqfd.as_raw_fd(), one.as_ptr().cast(), 8) };
                 if n != 8 {
-                    log::warn!("INTx devfn {devfn:#x}: irqfd write failed: {}", std::io::Error::last_os_error());
+                    log::warn!(
+                        "INTx devfn {devfn:#x}: irqfd write failed: {}",
+                        std::io::Error::last_os_error()
+                    );
                 }
             }
         }
@@ -198,7 +201,8 @@ pub fn run(io_fd: RawFd, svc_fd: RawFd) -> Result<(), RunnerError> {
     if hello.op != Op::Hello {
         return Err(RunnerError::Hello(format!("expected Hello, got {:?}", hello.op)));
     }
-    let hello: Hello = serde_json::from_slice(&hello.payload).map_err(|e| RunnerError::Hello(e.to_string()))?;
+    let hello: Hello =
+        serde_json::from_slice(&hello.payload).map_err(|e| RunnerError::Hello(e.to_string()))?;
     log::set_max_level(level_filter(hello.log_level));
     let created = create(&hello, host);
     let device = match created {
@@ -254,7 +258,10 @@ impl Session {
     /// Stage `data` and answer with its first part.
     fn big(&mut self, data: Vec<u8>, flag: u8, limit: usize) -> Result<Vec<u8>, PluginError> {
         if data.len() > limit {
-            return Err(PluginError::migration(format!("{} bytes is more than the {limit} the host takes", data.len())));
+            return Err(PluginError::migration(format!(
+                "{} bytes is more than the {limit} the host takes",
+                data.len()
+            )));
         }
         let first = encode_big(&data, flag);
         self.out = data;
@@ -308,7 +315,11 @@ impl Session {
             Op::StateVersion => Ok(d.state_version().to_le_bytes().to_vec()),
             Op::SaveSetup => unit(d.save_setup()),
             Op::PendingEstimate | Op::PendingExact => {
-                let p = if req.op == Op::PendingEstimate { d.state_pending_estimate() } else { d.state_pending_exact() };
+                let p = if req.op == Op::PendingEstimate {
+                    d.state_pending_estimate()
+                } else {
+                    d.state_pending_exact()
+                };
                 p.into_result().map(|p| [p.must_precopy.to_le_bytes(), p.can_postcopy.to_le_bytes()].concat())
             }
             Op::IsActiveIterate => Ok(vec![u8::from(d.is_active_iterate())]),
@@ -370,9 +381,14 @@ impl Session {
             Op::DsmHandles => Ok(d.dsm_handles().iter().flat_map(|h| h.to_le_bytes()).collect()),
             Op::Dsm => match req.payload.split_first_chunk::<8>() {
                 Some((head, arg3)) => {
-                    let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
-                    let request =
-                        DsmRequest { handle: req.a0 as u32, revision: word(0), function: word(4), arg3: arg3.to_vec().into() };
+                    let word =
+                        |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+                    let request = DsmRequest {
+                        handle: req.a0 as u32,
+                        revision: word(0),
+                        function: word(4),
+                        arg3: arg3.to_vec().into(),
+                    };
                     d.dsm(&request).into_result().map(|r| {
                         let mut v = r.status.to_le_bytes().to_vec();
                         v.extend_from_slice(&r.data[..r.data.len().min(MAX_DATA - 4)]);

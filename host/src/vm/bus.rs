@@ -258,10 +258,7 @@ mod tests {
         let d = Arc::new(Dev(AtomicU64::new(0)));
         bus.insert(IoSpace::Mmio, 0x1000, 0x100, "a", d.clone()).unwrap();
         for (b, s) in [(0x1000, 1), (0xfff, 2), (0x10ff, 0x10), (0x800, 0x1000)] {
-            assert!(matches!(
-                bus.insert(IoSpace::Mmio, b, s, "b", d.clone()),
-                Err(BusError::Overlap { .. })
-            ));
+            assert!(matches!(bus.insert(IoSpace::Mmio, b, s, "b", d.clone()), Err(BusError::Overlap { .. })));
         }
         assert!(bus.insert(IoSpace::Mmio, 0, 0, "b", d.clone()).is_err());
         assert!(bus.insert(IoSpace::Mmio, u64::MAX, 2, "b", d.clone()).is_err());

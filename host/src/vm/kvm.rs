@@ -179,9 +179,7 @@ impl KvmVm {
     pub fn get_and_clear_dirty_bitmap(&self, slot: u32) -> Result<Vec<u64>, KvmError> {
         let slots = self.lock();
         let s = slots.used.get(&slot).ok_or(KvmError::NoSuchSlot(slot))?;
-        self.fd
-            .get_dirty_log(slot, s.size as usize)
-            .map_err(|source| KvmError::DirtyLog { slot, source })
+        self.fd.get_dirty_log(slot, s.size as usize).map_err(|source| KvmError::DirtyLog { slot, source })
     }
 
     /// Drive GSI `gsi` to `level`.

@@ -7,9 +7,7 @@ use std::{
     os::fd::{AsFd, BorrowedFd, FromRawFd},
 };
 
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
-};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap};
 
 /// Page size of guest memory.
 pub const PAGE_SIZE: u64 = 4096;
@@ -57,12 +55,9 @@ impl GuestRam {
         let file = memfd("dmhost-guest-ram")?;
         file.set_len(size).map_err(|source| MemoryError::Truncate { size, source })?;
         let clone = file.try_clone().map_err(MemoryError::Memfd)?;
-        let region = GuestRegionMmap::from_range(
-            GuestAddress(0),
-            size as usize,
-            Some(FileOffset::new(clone, 0)),
-        )
-        .map_err(MemoryError::Map)?;
+        let region =
+            GuestRegionMmap::from_range(GuestAddress(0), size as usize, Some(FileOffset::new(clone, 0)))
+                .map_err(MemoryError::Map)?;
         let mem = GuestMemoryMmap::from_regions(vec![region]).map_err(MemoryError::Regions)?;
         let host_addr = mem
             .get_host_address(GuestAddress(0))

@@ -214,7 +214,9 @@ fn valid_id(id: &str) -> bool {
 impl Vm {
     /// Create the VM: KVM with an irqchip, memfd guest RAM in slot 0, vCPUs.
     pub fn new(config: VmConfig) -> Result<Self, VmError> {
-        if !(guest::MIN_RAM..=guest::MAX_RAM).contains(&config.ram_size) || !config.ram_size.is_multiple_of(PAGE_SIZE) {
+        if !(guest::MIN_RAM..=guest::MAX_RAM).contains(&config.ram_size)
+            || !config.ram_size.is_multiple_of(PAGE_SIZE)
+        {
             return Err(VmError::RamSize { got: config.ram_size });
         }
         if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
@@ -224,7 +226,10 @@ impl Vm {
         let ram = GuestRam::new(config.ram_size)?;
         let mut physmap = Physmap::new(guest::HOTPLUG_BASE, guest::HOTPLUG_END);
         physmap.claim(0, config.ram_size, Owner::Host, RangeUse::Ram)?;
-        physmap.set_backing(Owner::Host, Backing { host_addr: ram.host_addr(), size: ram.size(), read_only: false });
+        physmap.set_backing(
+            Owner::Host,
+            Backing { host_addr: ram.host_addr(), size: ram.size(), read_only: false },
+        );
         physmap.map(&kvm, &Owner::Host, 0, config.ram_size, 0)?;
         let mut ram_blocks = RamRegistry::default();
         {
@@ -245,8 +250,14 @@ impl Vm {
         let msr_indices = vcpus.first().map(|v| vcpu::readable_msrs(kvm.kvm(), &v.fd())).unwrap_or_default();
         let bus = Arc::new(IoBus::new());
         let pci = Arc::new(crate::pci::PciBus::new());
-        bus.insert(IoSpace::Pio, crate::pci::CONFIG_ADDRESS_PORT.into(), crate::pci::PORTS, crate::pci::BUS_OWNER, Arc::clone(&pci) as _)
-            .map_err(|e| VmError::Pci(e.to_string()))?;
+        bus.insert(
+            IoSpace::Pio,
+            crate::pci::CONFIG_ADDRESS_PORT.into(),
+            crate::pci::PORTS,
+            crate::pci::BUS_OWNER,
+            Arc::clone(&pci) as _,
+        )
+        .map_err(|e| VmError::Pci(e.to_string()))?;
         let shared = Arc::new(VmShared {
             kvm,
             ram,
@@ -503,8 +514,11 @@ impl Vm {
             return Err(VmError::DuplicateId(id.to_owned()));
         }
         let services = DeviceServices::new(Arc::downgrade(&self.shared), id);
-        let imp = create(services.host())
-            .map_err(|source| VmError::Create { id: id.to_owned(), kind: kind.to_owned(), source })?;
+        let imp = create(services.host()).map_err(|source| VmError::Create {
+            id: id.to_owned(),
+            kind: kind.to_owned(),
+            source,
+        })?;
         let device = Arc::new(HostDevice::new(id, kind, imp));
         services.bind(&device);
         let owner = Owner::Device(id.to_owned());
@@ -530,10 +544,13 @@ impl Vm {
         self.shared.intx.offer_router(&device);
         self.shared.pci.attach(&device);
         self.update_boot_info()?;
-        log::info!("device {id} ({kind}) added{}", match region {
-            Some((gpa, size)) => format!(", region at {gpa:#x} (+{size:#x})"),
-            None => String::new(),
-        });
+        log::info!(
+            "device {id} ({kind}) added{}",
+            match region {
+                Some((gpa, size)) => format!(", region at {gpa:#x} (+{size:#x})"),
+                None => String::new(),
+            }
+        );
         self.device_info(id).ok_or_else(|| VmError::NoSuchDevice(id.to_owned()))
     }
 
@@ -549,7 +566,10 @@ impl Vm {
             let mut pm = lock(&self.shared.physmap);
             let gpa = pm.allocate(m.size, r.align, r.requested_gpa.into_option())?;
             pm.claim(gpa, m.size, owner.clone(), RangeUse::DeviceMemory)?;
-            pm.set_backing(owner.clone(), Backing { host_addr: m.host_addr, size: m.size, read_only: m.read_only });
+            pm.set_backing(
+                owner.clone(),
+                Backing { host_addr: m.host_addr, size: m.size, read_only: m.read_only },
+            );
             pm.map(&self.shared.kvm, owner, gpa, m.size, 0)?;
             placed = Some((gpa, m.size));
         }
@@ -579,7 +599,10 @@ impl Vm {
     pub fn remove_device(&self, id: &str) -> Result<(), VmError> {
         let entry = {
             let mut devices = lock(&self.devices);
-            let pos = devices.iter().position(|d| d.device.id == id).ok_or_else(|| VmError::NoSuchDevice(id.to_owned()))?;
+            let pos = devices
+                .iter()
+                .position(|d| d.device.id == id)
+                .ok_or_else(|| VmError::NoSuchDevice(id.to_owned()))?;
             devices.remove(pos)
         };
         self.shared.pci.detach(id);
@@ -613,7 +636,8 @@ impl Vm {
     pub fn devices(&self) -> Vec<DeviceInfo> {
         let ranges = self.shared.bus.ranges();
         type Listed = (Arc<HostDevice>, Option<(u64, u64)>);
-        let list: Vec<Listed> = lock(&self.devices).iter().map(|d| (Arc::clone(&d.device), d.region)).collect();
+        let list: Vec<Listed> =
+            lock(&self.devices).iter().map(|d| (Arc::clone(&d.device), d.region)).collect();
         list.into_iter()
             .map(|(d, region)| {
                 let (fenced, failed) = {

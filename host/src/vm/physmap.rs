@@ -165,19 +165,12 @@ impl Physmap {
     }
 
     fn overlapping_claim(&self, gpa: u64, end: u64) -> Option<(u64, &Claim)> {
-        self.claims
-            .range(..end)
-            .next_back()
-            .filter(|(&b, c)| b + c.size > gpa)
-            .map(|(&b, c)| (b, c))
+        self.claims.range(..end).next_back().filter(|(&b, c)| b + c.size > gpa).map(|(&b, c)| (b, c))
     }
 
     /// Record that `owner` owns `[gpa, gpa+size)`.
     pub fn claim(&mut self, gpa: u64, size: u64, owner: Owner, usage: RangeUse) -> Result<(), PhysmapError> {
-        let end = gpa
-            .checked_add(size)
-            .filter(|_| size > 0)
-            .ok_or(PhysmapError::BadRange { gpa, size })?;
+        let end = gpa.checked_add(size).filter(|_| size > 0).ok_or(PhysmapError::BadRange { gpa, size })?;
         if let Some((b, c)) = self.overlapping_claim(gpa, end) {
             return Err(PhysmapError::Overlap {
                 gpa,
@@ -251,16 +244,11 @@ impl Physmap {
     /// Check that every byte of `[gpa, end)` is owned by `owner` as device
     /// memory (or RAM, for the host).
     fn check_owner(&self, owner: &Owner, gpa: u64, end: u64) -> Result<(), PhysmapError> {
-        let denied = |reason: String| PhysmapError::Denied {
-            owner: owner.clone(),
-            gpa,
-            size: end - gpa,
-            reason,
-        };
+        let denied =
+            |reason: String| PhysmapError::Denied { owner: owner.clone(), gpa, size: end - gpa, reason };
         let mut at = gpa;
         while at < end {
-            let Some((b, c)) = self.claims.range(..=at).next_back().filter(|(&b, c)| b + c.size > at)
-            else {
+            let Some((b, c)) = self.claims.range(..=at).next_back().filter(|(&b, c)| b + c.size > at) else {
                 return Err(denied(format!("{at:#x} is not owned by anyone")));
             };
             if &c.owner != owner {
@@ -327,19 +315,21 @@ impl Physmap {
     /// Unmap `[gpa, gpa+size)` on behalf of `owner`: it must own the whole
     /// range. Parts that are not mapped are skipped (no-op); a mapping cut
     /// in the middle is split into new slots.
-    pub fn unmap(&mut self, ops: &impl SlotOps, owner: &Owner, gpa: u64, size: u64) -> Result<(), PhysmapError> {
+    pub fn unmap(
+        &mut self,
+        ops: &impl SlotOps,
+        owner: &Owner,
+        gpa: u64,
+        size: u64,
+    ) -> Result<(), PhysmapError> {
         let end = check_range(gpa, size)?;
         self.check_owner(owner, gpa, end)?;
         self.unmap_unchecked(ops, gpa, end)
     }
 
     fn unmap_unchecked(&mut self, ops: &impl SlotOps, gpa: u64, end: u64) -> Result<(), PhysmapError> {
-        let hit: Vec<u64> = self
-            .mappings
-            .range(..end)
-            .filter(|(&b, m)| b + m.size > gpa)
-            .map(|(&b, _)| b)
-            .collect();
+        let hit: Vec<u64> =
+            self.mappings.range(..end).filter(|(&b, m)| b + m.size > gpa).map(|(&b, _)| b).collect();
         for b in hit {
             let Some(m) = self.mappings.remove(&b) else { continue };
             if let Err(e) = ops.remove_slot(m.slot) {
@@ -377,13 +367,13 @@ impl Physmap {
 
     /// Remove every mapping and claim of `owner` (unplug). Returns the
     /// claims that were dropped.
-    pub fn release_owner(&mut self, ops: &impl SlotOps, owner: &Owner) -> Result<Vec<OwnedRange>, PhysmapError> {
-        let maps: Vec<(u64, u64)> = self
-            .mappings
-            .values()
-            .filter(|m| &m.owner == owner)
-            .map(|m| (m.gpa, m.gpa + m.size))
-            .collect();
+    pub fn release_owner(
+        &mut self,
+        ops: &impl SlotOps,
+        owner: &Owner,
+    ) -> Result<Vec<OwnedRange>, PhysmapError> {
+        let maps: Vec<(u64, u64)> =
+            self.mappings.values().filter(|m| &m.owner == owner).map(|m| (m.gpa, m.gpa + m.size)).collect();
         for (gpa, end) in maps {
             self.unmap_unchecked(ops, gpa, end)?;
         }
@@ -415,11 +405,7 @@ impl Physmap {
 
     /// The owner of `gpa`.
     pub fn owner_of(&self, gpa: u64) -> Option<&Owner> {
-        self.claims
-            .range(..=gpa)
-            .next_back()
-            .filter(|(&b, c)| b + c.size > gpa)
-            .map(|(_, c)| &c.owner)
+        self.claims.range(..=gpa).next_back().filter(|(&b, c)| b + c.size > gpa).map(|(_, c)| &c.owner)
     }
 
     /// The mapping containing `gpa`.
@@ -439,7 +425,13 @@ mod tests {
         live: RefCell<BTreeMap<u32, Slot>>,
     }
     impl SlotOps for FakeSlots {
-        unsafe fn add_slot(&self, gpa: u64, size: u64, host_addr: u64, read_only: bool) -> Result<Slot, KvmError> {
+        unsafe fn add_slot(
+            &self,
+            gpa: u64,
+            size: u64,
+            host_addr: u64,
+            read_only: bool,
+        ) -> Result<Slot, KvmError> {
             let mut n = self.next.borrow_mut();
             *n += 1;
             let s = Slot { slot: *n, gpa, size, host_addr, read_only };

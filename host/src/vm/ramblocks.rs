@@ -51,7 +51,10 @@ fn pages(size: u64) -> usize {
 
 impl RamRegistry {
     pub fn register(&mut self, block: RamBlock) -> Result<(), RamRegistryError> {
-        if block.size == 0 || !block.size.is_multiple_of(PAGE_SIZE) || !block.host_addr.is_multiple_of(PAGE_SIZE) {
+        if block.size == 0
+            || !block.size.is_multiple_of(PAGE_SIZE)
+            || !block.host_addr.is_multiple_of(PAGE_SIZE)
+        {
             return Err(RamRegistryError::BadBlock { name: block.name });
         }
         if self.blocks.contains_key(&block.name) {
@@ -78,7 +81,13 @@ impl RamRegistry {
     }
 
     /// Mark `[offset, offset+len)` of block `name` dirty on behalf of `owner`.
-    pub fn mark_dirty(&mut self, name: &str, owner: &Owner, offset: u64, len: u64) -> Result<(), RamRegistryError> {
+    pub fn mark_dirty(
+        &mut self,
+        name: &str,
+        owner: &Owner,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), RamRegistryError> {
         let e = self.blocks.get_mut(name).ok_or_else(|| RamRegistryError::Unknown(name.to_owned()))?;
         if &e.block.owner != owner {
             return Err(RamRegistryError::NotOwner { name: name.to_owned(), owner: e.block.owner.clone() });
@@ -146,7 +155,10 @@ mod tests {
         let a = Owner::Device("a".into());
         let mut r = RamRegistry::default();
         r.register(block("a/ram", a.clone(), 0x10000)).unwrap();
-        assert_eq!(r.register(block("a/ram", a.clone(), 0x10000)), Err(RamRegistryError::Duplicate("a/ram".into())));
+        assert_eq!(
+            r.register(block("a/ram", a.clone(), 0x10000)),
+            Err(RamRegistryError::Duplicate("a/ram".into()))
+        );
         assert!(r.mark_dirty("a/ram", &Owner::Host, 0, 1).is_err());
         assert!(r.mark_dirty("a/ram", &a, 15 * PAGE_SIZE, 2 * PAGE_SIZE).is_err());
         r.mark_dirty("a/ram", &a, PAGE_SIZE - 1, 2).unwrap();

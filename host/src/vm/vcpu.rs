@@ -138,10 +138,8 @@ impl RunControl {
     /// Like [`RunControl::wait`] with a timeout.
     pub fn wait_timeout(&self, timeout: std::time::Duration) -> Option<VmExit> {
         let c = self.lock();
-        let (c, _) = self
-            .cv
-            .wait_timeout_while(c, timeout, |c| c.exit.is_none())
-            .unwrap_or_else(|p| p.into_inner());
+        let (c, _) =
+            self.cv.wait_timeout_while(c, timeout, |c| c.exit.is_none()).unwrap_or_else(|p| p.into_inner());
         c.exit.clone()
     }
 
@@ -222,9 +220,11 @@ impl Vcpu {
     pub fn new(vm: &kvm_ioctls::VmFd, kvm: &Kvm, index: u32) -> Result<Self, VcpuError> {
         install_kick_handler()?;
         let fd = vm.create_vcpu(index as u64).map_err(|source| VcpuError::Create { index, source })?;
-        let cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|source| VcpuError::Ioctl { index, what: "KVM_GET_SUPPORTED_CPUID", source })?;
+        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|source| VcpuError::Ioctl {
+            index,
+            what: "KVM_GET_SUPPORTED_CPUID",
+            source,
+        })?;
         fd.set_cpuid2(&cpuid).map_err(|source| VcpuError::Ioctl { index, what: "KVM_SET_CPUID2", source })?;
         Ok(Self { index, fd: Arc::new(Mutex::new(fd)), thread: None })
     }
@@ -333,7 +333,9 @@ fn handle_exit(index: u32, exit: VcpuExit<'_>, ctx: &VcpuContext) -> Option<VmEx
     match exit {
         VcpuExit::IoOut(PORT_SERIAL, data) => (ctx.serial)(data),
         VcpuExit::IoOut(PORT_EXIT, data) => return Some(VmExit::Guest(le_value(data) as u32)),
-        VcpuExit::IoOut(PORT_IDLE, data) => ctx.control.idle(std::time::Duration::from_micros(le_value(data))),
+        VcpuExit::IoOut(PORT_IDLE, data) => {
+            ctx.control.idle(std::time::Duration::from_micros(le_value(data)))
+        }
         VcpuExit::IoIn(PORT_SERIAL_LSR, data) => data.fill(0x60),
         VcpuExit::IoOut(port, data) => {
             ctx.bus.write(IoSpace::Pio, port.into(), data);

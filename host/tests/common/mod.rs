@@ -25,11 +25,7 @@ pub fn target_dir() -> PathBuf {
 /// Path of a built plugin library; fails clearly when it is not built.
 pub fn plugin_path(lib: &str) -> PathBuf {
     let p = target_dir().join(format!("lib{lib}.so"));
-    assert!(
-        p.is_file(),
-        "{} is missing: build the plugins first (cargo build --workspace)",
-        p.display()
-    );
+    assert!(p.is_file(), "{} is missing: build the plugins first (cargo build --workspace)", p.display());
     p
 }
 

@@ -23,7 +23,11 @@ pub struct VmProcess {
     pub err: Arc<Mutex<Vec<String>>>,
 }
 
-fn collect(r: impl std::io::Read + Send + 'static, sink: Arc<Mutex<Vec<String>>>, tx: Option<mpsc::Sender<String>>) {
+fn collect(
+    r: impl std::io::Read + Send + 'static,
+    sink: Arc<Mutex<Vec<String>>>,
+    tx: Option<mpsc::Sender<String>>,
+) {
     std::thread::spawn(move || {
         for line in BufReader::new(r).lines().map_while(Result::ok) {
             if let Some(tx) = &tx {
@@ -99,7 +103,11 @@ impl VmProcess {
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
-                panic!("VM did not exit; stdout {:?} stderr {:?}", self.out.lock().unwrap(), self.err.lock().unwrap());
+                panic!(
+                    "VM did not exit; stdout {:?} stderr {:?}",
+                    self.out.lock().unwrap(),
+                    self.err.lock().unwrap()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         };

@@ -56,7 +56,9 @@ impl IohubConfig {
 /// The line a device function's pin lands on: the standard PCI swizzle.
 pub fn swizzle(devfn: u32, pin: u32) -> Result<usize, PluginError> {
     if devfn > 0xff || !(1..=4).contains(&pin) {
-        return Err(PluginError::state(format!("INTx devfn {devfn:#x} pin {pin}: devfn must be < 256, pin 1..=4")));
+        return Err(PluginError::state(format!(
+            "INTx devfn {devfn:#x} pin {pin}: devfn must be < 256, pin 1..=4"
+        )));
     }
     let slot = devfn >> 3;
     Ok(((slot + pin - 1) % NUM_LINES as u32) as usize)
@@ -119,7 +121,10 @@ impl Iohub {
         } else if u32::from(value) < MAX_GSI {
             Some(u32::from(value))
         } else {
-            return Err(PluginError::state(format!("iohub {}: PIRQ {line} route {value} is not a GSI", self.id)));
+            return Err(PluginError::state(format!(
+                "iohub {}: PIRQ {line} route {value} is not a GSI",
+                self.id
+            )));
         };
         self.routes[line] = gsi;
         if let Some(l) = self.lines.get(line).filter(|_| self.plugged) {
@@ -131,7 +136,8 @@ impl Iohub {
 
 impl DeviceModel for Iohub {
     fn plug(&mut self, _info: PlugInfo) -> Result<(), PluginError> {
-        let held: Vec<Vec<Source>> = (0..NUM_LINES).map(|i| self.lines.get(i).map(Line::held).unwrap_or_default()).collect();
+        let held: Vec<Vec<Source>> =
+            (0..NUM_LINES).map(|i| self.lines.get(i).map(Line::held).unwrap_or_default()).collect();
         let mut lines = Vec::with_capacity(NUM_LINES);
         for (i, h) in held.into_iter().enumerate() {
             let l = Line::new(i as u32, self.routes[i])?;
@@ -203,7 +209,8 @@ impl DeviceModel for Iohub {
     }
 
     fn load_state(&mut self, version: u32, data: &[u8]) -> Result<(), PluginError> {
-        let lines = migration::decode(version, data, MAX_GSI).map_err(|e| PluginError::migration(e.to_string()))?;
+        let lines =
+            migration::decode(version, data, MAX_GSI).map_err(|e| PluginError::migration(e.to_string()))?;
         for (i, snap) in lines.into_iter().enumerate() {
             self.routes[i] = snap.gsi;
             match self.lines.get(i).filter(|_| self.plugged) {
@@ -233,13 +240,19 @@ impl DeviceModel for Iohub {
         let line = self.line(devfn, pin)?;
         let source = Source { devfn: devfn as u8, pin: pin as u8 };
         let count = line.set(self.irq_host(), source, level)?;
-        log::trace!("iohub {}: devfn {devfn:#x} pin {pin} -> {level}: line {} count {count}", self.id, line.index);
+        log::trace!(
+            "iohub {}: devfn {devfn:#x} pin {pin} -> {level}: line {} count {count}",
+            self.id,
+            line.index
+        );
         Ok(())
     }
 
     fn intx_route(&mut self, devfn: u32, pin: u32) -> Result<IntxRoute, PluginError> {
         let line = self.line(devfn, pin)?;
-        let gsi = line.gsi().ok_or_else(|| PluginError::state(format!("iohub {}: PIRQ {} is not routed", self.id, line.index)))?;
+        let gsi = line.gsi().ok_or_else(|| {
+            PluginError::state(format!("iohub {}: PIRQ {} is not routed", self.id, line.index))
+        })?;
         Ok(IntxRoute { line: line.index, gsi, irqfd: line.irqfd(), resamplefd: line.resamplefd() })
     }
 }

@@ -31,12 +31,7 @@ impl Plugin for IohubPlugin {
         }]
     }
 
-    fn create(
-        kind: &str,
-        id: &str,
-        config: &str,
-        host: Host,
-    ) -> Result<Box<dyn DeviceModel>, PluginError> {
+    fn create(kind: &str, id: &str, config: &str, host: Host) -> Result<Box<dyn DeviceModel>, PluginError> {
         if kind != KIND {
             return Err(PluginError::unsupported(format!("iohub plugin has no kind {kind:?}")));
         }

@@ -130,10 +130,19 @@ impl Line {
 
     fn register(&self, host: &dyn IrqfdHost, st: &mut LineState) -> Result<(), LineError> {
         if let (Some(gsi), false) = (st.gsi, st.registered) {
-            host.register(gsi, self.irqfd(), self.resamplefd())
-                .map_err(|message| LineError::Host { line: self.index, what: "register irqfd on", gsi, message })?;
+            host.register(gsi, self.irqfd(), self.resamplefd()).map_err(|message| LineError::Host {
+                line: self.index,
+                what: "register irqfd on",
+                gsi,
+                message,
+            })?;
             st.registered = true;
-            log::debug!("iohub line {}: irqfd {} + resamplefd {} on GSI {gsi}", self.index, self.irqfd(), self.resamplefd());
+            log::debug!(
+                "iohub line {}: irqfd {} + resamplefd {} on GSI {gsi}",
+                self.index,
+                self.irqfd(),
+                self.resamplefd()
+            );
         }
         Ok(())
     }
@@ -141,8 +150,12 @@ impl Line {
     fn unregister(&self, host: &dyn IrqfdHost, st: &mut LineState) -> Result<(), LineError> {
         if let (Some(gsi), true) = (st.gsi, st.registered) {
             st.registered = false;
-            host.unregister(gsi, self.irqfd())
-                .map_err(|message| LineError::Host { line: self.index, what: "unregister irqfd from", gsi, message })?;
+            host.unregister(gsi, self.irqfd()).map_err(|message| LineError::Host {
+                line: self.index,
+                what: "unregister irqfd from",
+                gsi,
+                message,
+            })?;
         }
         Ok(())
     }
@@ -228,7 +241,9 @@ pub struct Resampler {
 
 impl Resampler {
     pub fn start(name: &str, lines: Arc<Vec<Line>>) -> Result<Self, LineError> {
-        let quit = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|source| LineError::EventFd { line: u32::MAX, source })?);
+        let quit = Arc::new(
+            EventFd::new(EFD_NONBLOCK).map_err(|source| LineError::EventFd { line: u32::MAX, source })?,
+        );
         let q = Arc::clone(&quit);
         let thread = std::thread::Builder::new()
             .name(format!("{name}-resample"))

@@ -9,8 +9,8 @@
 
 use acpi_tables::{
     aml::{
-        Arg, BufferData, CreateDWordField, Device, GreaterEqual, If, Index, Local, Method,
-        MethodCall, Mid, Name, Package, Path, Return, SizeOf, Store, Subtract, Uuid, ZERO,
+        Arg, BufferData, CreateDWordField, Device, GreaterEqual, If, Index, Local, Method, MethodCall, Mid,
+        Name, Package, Path, Return, SizeOf, Store, Subtract, Uuid, ZERO,
     },
     Aml,
 };
@@ -19,9 +19,8 @@ use crate::labels::DSM_REVISION;
 
 /// SPA range type GUID "Persistent Memory Region" 66F0D379-B4F3-4074-AC43-0D3318B78CDB,
 /// in its mixed-endian (EFI GUID) byte form.
-pub const PMEM_REGION_GUID: [u8; 16] = [
-    0x79, 0xd3, 0xf0, 0x66, 0xf3, 0xb4, 0x74, 0x40, 0xac, 0x43, 0x0d, 0x33, 0x18, 0xb7, 0x8c, 0xdb,
-];
+pub const PMEM_REGION_GUID: [u8; 16] =
+    [0x79, 0xd3, 0xf0, 0x66, 0xf3, 0xb4, 0x74, 0x40, 0xac, 0x43, 0x0d, 0x33, 0x18, 0xb7, 0x8c, 0xdb];
 /// `_DSM` UUID of an NVDIMM device (Intel DSM interface).
 pub const DIMM_DSM_UUID: &str = "4309AC30-0D11-11E4-9191-0800200C9A66";
 /// The root device's shared call method.
@@ -153,10 +152,7 @@ pub fn device_aml(slot: u32, labels: bool) -> Vec<u8> {
     let name = device_name(slot);
 
     let adr = Name::new("_ADR".into(), &handle);
-    let call = MethodCall::new(
-        NCAL_PATH.into(),
-        vec![&Arg(0), &Arg(1), &Arg(2), &Arg(3), &handle],
-    );
+    let call = MethodCall::new(NCAL_PATH.into(), vec![&Arg(0), &Arg(1), &Arg(2), &Arg(3), &handle]);
     let ret = Return::new(&call);
     let dsm = Method::new("_DSM".into(), 4, false, vec![&ret]);
 
@@ -191,10 +187,7 @@ fn render(aml: &dyn Aml) -> Rendered {
 /// `Local<n> = NCAL (DimmUUID, 1, function, arg3, handle)`.
 fn ncal_into(local: u8, function: u32, arg3: &dyn Aml, handle: u32) -> Rendered {
     let uuid = Uuid::new(DIMM_DSM_UUID);
-    let call = MethodCall::new(
-        NCAL_PATH.into(),
-        vec![&uuid, &DSM_REVISION, &function, arg3, &handle],
-    );
+    let call = MethodCall::new(NCAL_PATH.into(), vec![&uuid, &DSM_REVISION, &function, arg3, &handle]);
     render(&Store::new(&Local(local), &call))
 }
 
@@ -233,12 +226,7 @@ fn lsi(handle: u32) -> Rendered {
     let if12 = If::new(&ge12, vec![&slsa, &maxt, &set1, &set2]);
 
     let ret = Return::new(&Local(4));
-    render(&Method::new(
-        "_LSI".into(),
-        0,
-        true,
-        vec![&call, &init, &if4, &if12, &ret],
-    ))
+    render(&Method::new("_LSI".into(), 0, true, vec![&call, &init, &if4, &if12, &ret]))
 }
 
 /// `_LSR (Offset, Length)`: Package {Status, Buffer}.
@@ -278,12 +266,7 @@ fn lsr(handle: u32) -> Rendered {
     let if4 = If::new(&ge4, vec![&stts, &set0, &sub, &mid, &set1]);
 
     let ret = Return::new(&Local(4));
-    render(&Method::new(
-        "_LSR".into(),
-        2,
-        true,
-        vec![&prologue, &call, &init, &get_size, &if4, &ret],
-    ))
+    render(&Method::new("_LSR".into(), 2, true, vec![&prologue, &call, &init, &get_size, &if4, &ret]))
 }
 
 /// `_LSW (Offset, Length, Data)`: Integer status.
@@ -307,12 +290,7 @@ fn lsw(handle: u32) -> Rendered {
     let ge4 = GreaterEqual::new(&size, &4u8);
     let if4 = If::new(&ge4, vec![&stts, &ret_stts]);
     let ret1 = Return::new(&1u8);
-    render(&Method::new(
-        "_LSW".into(),
-        3,
-        true,
-        vec![&prologue, &concat, &set, &call, &if4, &ret1],
-    ))
+    render(&Method::new("_LSW".into(), 3, true, vec![&prologue, &concat, &set, &call, &if4, &ret1]))
 }
 
 /// `CreateDWordField (source, byte, name)`.
@@ -335,15 +313,7 @@ fn offset_length_prologue() -> Rendered {
     let idx = Index::new(&ZERO, &Local(1), &0u8);
     let set_el = Store::new(&idx, &Local(0));
     let mut v = Vec::new();
-    for a in [
-        &init as &dyn Aml,
-        &ofst,
-        &tlen,
-        &set_o,
-        &set_l,
-        &set_pkg,
-        &set_el,
-    ] {
+    for a in [&init as &dyn Aml, &ofst, &tlen, &set_o, &set_l, &set_pkg, &set_el] {
         a.to_aml_bytes(&mut v);
     }
     Rendered(v)
@@ -372,34 +342,19 @@ mod tests {
 
     #[test]
     fn nfit_layout_matches_qemu() {
-        let d = DimmInfo {
-            slot: 2,
-            node: 1,
-            base: 0x1_0000_0000,
-            size: 128 << 20,
-            unarmed: true,
-        };
+        let d = DimmInfo { slot: 2, node: 1, base: 0x1_0000_0000, size: 128 << 20, unarmed: true };
         let b = nfit_structures(&d);
         assert_eq!(b.len(), 56 + 48 + 80);
         // SPA
-        assert_eq!(
-            (u16_at(&b, 0), u16_at(&b, 2), u16_at(&b, 4), u16_at(&b, 6)),
-            (0, 56, 6, 3)
-        );
+        assert_eq!((u16_at(&b, 0), u16_at(&b, 2), u16_at(&b, 4), u16_at(&b, 6)), (0, 56, 6, 3));
         assert_eq!(u32_at(&b, 12), 1);
         assert_eq!(&b[16..32], &PMEM_REGION_GUID);
-        assert_eq!(
-            (u64_at(&b, 32), u64_at(&b, 40), u64_at(&b, 48)),
-            (1 << 32, 128 << 20, 0x8008)
-        );
+        assert_eq!((u64_at(&b, 32), u64_at(&b, 40), u64_at(&b, 48)), (1 << 32, 128 << 20, 0x8008));
         // Memory device to SPA map
         let m = &b[56..104];
         assert_eq!((u16_at(m, 0), u16_at(m, 2), u32_at(m, 4)), (1, 48, 3));
         assert_eq!((u16_at(m, 12), u16_at(m, 14)), (6, 7));
-        assert_eq!(
-            (u64_at(m, 16), u64_at(m, 24), u64_at(m, 32)),
-            (128 << 20, 0, 0)
-        );
+        assert_eq!((u64_at(m, 16), u64_at(m, 24), u64_at(m, 32)), (128 << 20, 0, 0));
         assert_eq!((u16_at(m, 42), u16_at(m, 44)), (1, 8));
         // Control region
         let c = &b[104..];
@@ -407,10 +362,7 @@ mod tests {
         assert_eq!((u16_at(c, 6), u16_at(c, 8), u16_at(c, 10)), (0x8086, 1, 1));
         assert_eq!(u32_at(c, 24), 0x123458);
         assert_eq!(&c[28..30], &[0x01, 0x03]);
-        let armed = nfit_structures(&DimmInfo {
-            unarmed: false,
-            ..d
-        });
+        let armed = nfit_structures(&DimmInfo { unarmed: false, ..d });
         assert_eq!(u16_at(&armed, 56 + 44), 0);
     }
 

@@ -180,8 +180,7 @@ impl NvdimmConfig {
 
 /// `align_down(size - label_size, NVDIMM_ALIGN)`, 0 when nothing fits.
 pub fn region_size(size: u64, label_size: u64) -> u64 {
-    size.checked_sub(label_size)
-        .map_or(0, |rest| rest & !(NVDIMM_ALIGN - 1))
+    size.checked_sub(label_size).map_or(0, |rest| rest & !(NVDIMM_ALIGN - 1))
 }
 
 #[cfg(test)]
@@ -231,11 +230,7 @@ mod tests {
         ] {
             let e = NvdimmConfig::parse(bad).unwrap_err();
             assert_eq!(e.kind, ErrorKind::InvalidConfig, "{bad}");
-            assert!(
-                e.message.starts_with("nvdimm config"),
-                "{bad}: {}",
-                e.message
-            );
+            assert!(e.message.starts_with("nvdimm config"), "{bad}: {}", e.message);
         }
     }
 

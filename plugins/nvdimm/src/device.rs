@@ -2,8 +2,8 @@
 //! namespace labels and whose aligned front part the guest maps.
 
 use dmhost_plugin_api::{
-    backend::MemoryBackend, DeviceModel, DsmReply, DsmRequest, GuestRegion, Host, MemoryRegion,
-    PlugInfo, PluginError, RStr,
+    backend::MemoryBackend, DeviceModel, DsmReply, DsmRequest, GuestRegion, Host, MemoryRegion, PlugInfo,
+    PluginError, RStr,
 };
 
 use crate::{
@@ -30,14 +30,7 @@ impl Nvdimm {
             None => MemoryBackend::memfd(&format!("nvdimm-{id}"), config.size),
         }
         .map_err(|e| PluginError::io(format!("nvdimm {id}: backend: {e}")))?;
-        Ok(Self {
-            id: id.to_owned(),
-            base: config.addr,
-            config,
-            backend,
-            host,
-            plugged: false,
-        })
+        Ok(Self { id: id.to_owned(), base: config.addr, config, backend, host, plugged: false })
     }
 
     pub fn config(&self) -> &NvdimmConfig {
@@ -79,25 +72,17 @@ impl LabelArea for BackendLabels<'_> {
 
     fn read(&self, offset: u32, buf: &mut [u8]) -> Result<(), LabelError> {
         let at = self.dimm.config.label_offset() + u64::from(offset);
-        self.dimm.backend.read(at, buf).ok_or(LabelError::Backend {
-            offset,
-            length: buf.len() as u32,
-        })
+        self.dimm.backend.read(at, buf).ok_or(LabelError::Backend { offset, length: buf.len() as u32 })
     }
 
     fn write(&mut self, offset: u32, data: &[u8]) -> Result<(), LabelError> {
         let d = self.dimm;
         let at = d.config.label_offset() + u64::from(offset);
         let length = data.len() as u32;
-        d.backend
-            .write(at, data)
-            .ok_or(LabelError::Backend { offset, length })?;
+        d.backend.write(at, data).ok_or(LabelError::Backend { offset, length })?;
         if d.plugged {
             let name = d.ram_name();
-            if let Err(e) = d
-                .host
-                .mark_dirty(RStr::from(name.as_str()), at, data.len() as u64)
-                .into_result()
+            if let Err(e) = d.host.mark_dirty(RStr::from(name.as_str()), at, data.len() as u64).into_result()
             {
                 log::warn!("nvdimm {}: label write not marked dirty: {e}", d.id);
             }
@@ -127,15 +112,10 @@ impl DeviceModel for Nvdimm {
 
     fn plug(&mut self, info: PlugInfo) -> Result<(), PluginError> {
         if self.plugged {
-            return Err(PluginError::state(format!(
-                "nvdimm {} is already plugged",
-                self.id
-            )));
+            return Err(PluginError::state(format!("nvdimm {} is already plugged", self.id)));
         }
         let name = self.ram_name();
-        self.host
-            .register_ram(RStr::from(name.as_str()), self.backend.whole())
-            .into_result()?;
+        self.host.register_ram(RStr::from(name.as_str()), self.backend.whole()).into_result()?;
         self.plugged = true;
         self.base = info.region_gpa.into_option().or(self.config.addr);
         log::info!(
@@ -151,15 +131,10 @@ impl DeviceModel for Nvdimm {
 
     fn unplug(&mut self) -> Result<(), PluginError> {
         if !self.plugged {
-            return Err(PluginError::state(format!(
-                "nvdimm {} is not plugged",
-                self.id
-            )));
+            return Err(PluginError::state(format!("nvdimm {} is not plugged", self.id)));
         }
         let name = self.ram_name();
-        self.host
-            .unregister_ram(RStr::from(name.as_str()))
-            .into_result()?;
+        self.host.unregister_ram(RStr::from(name.as_str())).into_result()?;
         self.plugged = false;
         self.base = self.config.addr;
         log::info!("nvdimm {} unplugged", self.id);
@@ -223,49 +198,28 @@ mod tests {
     }
 
     fn plug(d: &mut Nvdimm, gpa: u64) {
-        d.plug(PlugInfo {
-            region_gpa: Some(gpa).into(),
-        })
-        .unwrap();
+        d.plug(PlugInfo { region_gpa: Some(gpa).into() }).unwrap();
     }
 
     #[test]
     fn regions_and_plug_bookkeeping() {
         let (mut d, rec) = dimm(&format!(r#"{{"size":{SIZE},"slot":3}}"#));
         let r = d.memory_region().unwrap();
-        assert_eq!(
-            (r.memory.size, r.align, r.memory.fd_offset),
-            (4 << 20, 2 << 20, 0)
-        );
+        assert_eq!((r.memory.size, r.align, r.memory.fd_offset), (4 << 20, 2 << 20, 0));
         assert_eq!(d.backend_memory().unwrap().size, SIZE);
-        assert!(
-            d.nfit_structures().is_empty(),
-            "no NFIT before the base is known"
-        );
+        assert!(d.nfit_structures().is_empty(), "no NFIT before the base is known");
         assert_eq!(d.dsm_handles(), vec![4]);
         plug(&mut d, 0x1_0000_0000);
         assert_eq!(d.nfit_structures().len(), 184);
-        assert_eq!(
-            d.plug(PlugInfo {
-                region_gpa: None.into()
-            })
-            .unwrap_err()
-            .kind,
-            ErrorKind::InvalidState
-        );
+        assert_eq!(d.plug(PlugInfo { region_gpa: None.into() }).unwrap_err().kind, ErrorKind::InvalidState);
         d.unplug().unwrap();
         assert!(d.nfit_structures().is_empty());
         assert_eq!(d.unplug().unwrap_err().kind, ErrorKind::InvalidState);
         assert_eq!(
             rec.calls(),
             vec![
-                Call::RegisterRam {
-                    name: "nv0/ram".into(),
-                    size: SIZE
-                },
-                Call::UnregisterRam {
-                    name: "nv0/ram".into()
-                },
+                Call::RegisterRam { name: "nv0/ram".into(), size: SIZE },
+                Call::UnregisterRam { name: "nv0/ram".into() },
             ]
         );
     }
@@ -280,14 +234,7 @@ mod tests {
         let mut out = [0u8; 4];
         d.backend.read(at, &mut out).unwrap();
         assert_eq!(&out, b"LABL");
-        assert_eq!(
-            rec.calls().last(),
-            Some(&Call::MarkDirty {
-                name: "nv0/ram".into(),
-                offset: at,
-                len: 4
-            })
-        );
+        assert_eq!(rec.calls().last(), Some(&Call::MarkDirty { name: "nv0/ram".into(), offset: at, len: 4 }));
         let r = d.dsm(&req(1, 5, rw_arg(16, 4, &[])));
         assert_eq!(r.data.as_slice(), b"LABL");
         // The mapped region does not reach the labels.
@@ -330,24 +277,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ro.img");
         std::fs::write(&path, vec![0xabu8; SIZE as usize]).unwrap();
-        let cfg = format!(
-            r#"{{"size":{SIZE},"mem-path":{:?},"readonly":true,"unarmed":true}}"#,
-            path
-        );
+        let cfg = format!(r#"{{"size":{SIZE},"mem-path":{:?},"readonly":true,"unarmed":true}}"#, path);
         let (mut d, _) = dimm(&cfg);
         plug(&mut d, 0x1_0000_0000);
-        assert_eq!(
-            d.dsm(&req(1, 0, vec![])).data.as_slice(),
-            0x31u32.to_le_bytes()
-        );
-        assert_eq!(
-            d.dsm(&req(1, 6, rw_arg(0, 1, &[0]))).status,
-            DsmReply::UNSUPPORTED
-        );
-        assert_eq!(
-            d.dsm(&req(1, 5, rw_arg(0, 2, &[]))).data.as_slice(),
-            [0xab, 0xab]
-        );
+        assert_eq!(d.dsm(&req(1, 0, vec![])).data.as_slice(), 0x31u32.to_le_bytes());
+        assert_eq!(d.dsm(&req(1, 6, rw_arg(0, 1, &[0]))).status, DsmReply::UNSUPPORTED);
+        assert_eq!(d.dsm(&req(1, 5, rw_arg(0, 2, &[]))).data.as_slice(), [0xab, 0xab]);
         assert!(d.memory_region().unwrap().memory.read_only);
     }
 
@@ -385,31 +320,20 @@ mod abi_tests {
         let kinds = NvdimmPlugin::kinds();
         assert_eq!(kinds[0].name.as_str(), KIND);
         let (_, host) = RecordingHost::new();
-        let model =
-            NvdimmPlugin::create(KIND, "nv9", kinds[0].default_config.as_str(), host).unwrap();
+        let model = NvdimmPlugin::create(KIND, "nv9", kinds[0].default_config.as_str(), host).unwrap();
         let mut dev = wrap(model, "nv9");
         let region = dev.memory_region().unwrap();
         assert_eq!(region.memory.size, 128 << 20);
         assert_eq!(dev.backend_memory().unwrap().size, 130 << 20);
-        dev.plug(PlugInfo {
-            region_gpa: Some(1u64 << 32).into(),
-        })
-        .unwrap();
+        dev.plug(PlugInfo { region_gpa: Some(1u64 << 32).into() }).unwrap();
         assert_eq!(dev.dsm_handles().as_slice(), [1]);
-        let req = DsmRequest {
-            handle: 1,
-            revision: 1,
-            function: 5,
-            arg3: rw_arg(u32::MAX, 9, &[]).into(),
-        };
+        let req = DsmRequest { handle: 1, revision: 1, function: 5, arg3: rw_arg(u32::MAX, 9, &[]).into() };
         assert_eq!(dev.dsm(&req).unwrap().status, 3);
         assert_eq!(dev.nfit_structures().unwrap().len(), 184);
         assert!(!dev.aml().unwrap().is_empty());
 
         let (_, host) = RecordingHost::new();
-        let e = NvdimmPlugin::create("pc-dimm", "x", "{}", host)
-            .err()
-            .unwrap();
+        let e = NvdimmPlugin::create("pc-dimm", "x", "{}", host).err().unwrap();
         assert_eq!(e.kind, ErrorKind::Unsupported);
     }
 }

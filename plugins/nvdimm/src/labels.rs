@@ -89,11 +89,7 @@ pub fn serve(area: &mut dyn LabelArea, handle: u32, req: &DsmRequest) -> DsmRepl
         return DsmReply::status(DsmReply::UNSUPPORTED);
     }
     if req.function == FN_QUERY {
-        let mask = if req.handle == handle {
-            supported_functions(area)
-        } else {
-            0
-        };
+        let mask = if req.handle == handle { supported_functions(area) } else { 0 };
         return DsmReply::ok(mask.to_le_bytes().to_vec());
     }
     if req.handle != handle {
@@ -110,10 +106,7 @@ pub fn serve(area: &mut dyn LabelArea, handle: u32, req: &DsmRequest) -> DsmRepl
         _ => return DsmReply::status(DsmReply::UNSUPPORTED),
     };
     result.unwrap_or_else(|e| {
-        log::debug!(
-            "nvdimm handle {handle}: _DSM function {} refused: {e}",
-            req.function
-        );
+        log::debug!("nvdimm handle {handle}: _DSM function {} refused: {e}", req.function);
         DsmReply::status(match e {
             LabelError::ReadOnly => DsmReply::UNSUPPORTED,
             _ => DsmReply::INVALID_INPUT,
@@ -130,10 +123,7 @@ fn label_size(area: &dyn LabelArea) -> DsmReply {
 
 /// `offset`, `length` from the first 8 bytes of Arg3.
 fn offset_length(arg3: &[u8]) -> Result<(u32, u32), LabelError> {
-    let too_short = || LabelError::ArgTooShort {
-        need: 8,
-        got: arg3.len(),
-    };
+    let too_short = || LabelError::ArgTooShort { need: 8, got: arg3.len() };
     let offset = arg3.get(0..4).ok_or_else(too_short)?;
     let length = arg3.get(4..8).ok_or_else(too_short)?;
     let word = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
@@ -142,15 +132,9 @@ fn offset_length(arg3: &[u8]) -> Result<(u32, u32), LabelError> {
 
 /// QEMU `nvdimm_rw_label_data_check`, with checked arithmetic.
 fn check(area: &dyn LabelArea, offset: u32, length: u32) -> Result<(), LabelError> {
-    let end = offset
-        .checked_add(length)
-        .ok_or(LabelError::Overflow { offset, length })?;
+    let end = offset.checked_add(length).ok_or(LabelError::Overflow { offset, length })?;
     if end > area.size() {
-        return Err(LabelError::PastEnd {
-            offset,
-            length,
-            size: area.size(),
-        });
+        return Err(LabelError::PastEnd { offset, length, size: area.size() });
     }
     if length > MAX_XFER {
         return Err(LabelError::TooLong(length));
@@ -174,10 +158,7 @@ fn set_label_data(area: &mut dyn LabelArea, arg3: &[u8]) -> Result<DsmReply, Lab
     let need = SET_LABEL_IN_HEADER as usize + length as usize;
     let data = arg3
         .get(SET_LABEL_IN_HEADER as usize..need)
-        .ok_or(LabelError::ArgTooShort {
-            need,
-            got: arg3.len(),
-        })?;
+        .ok_or(LabelError::ArgTooShort { need, got: arg3.len() })?;
     if !area.writable() {
         return Err(LabelError::ReadOnly);
     }
@@ -215,12 +196,7 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn req(handle: u32, function: u32, arg3: Vec<u8>) -> DsmRequest {
-        DsmRequest {
-            handle,
-            revision: 1,
-            function,
-            arg3: arg3.into(),
-        }
+        DsmRequest { handle, revision: 1, function, arg3: arg3.into() }
     }
 
     pub(crate) fn rw_arg(offset: u32, length: u32, data: &[u8]) -> Vec<u8> {
@@ -231,10 +207,7 @@ pub(crate) mod tests {
     }
 
     fn area(size: usize) -> VecArea {
-        VecArea {
-            bytes: vec![0; size],
-            writable: true,
-        }
+        VecArea { bytes: vec![0; size], writable: true }
     }
 
     #[test]
@@ -247,23 +220,11 @@ pub(crate) mod tests {
     fn function0_masks() {
         let mut a = area(128 << 10);
         let r = serve(&mut a, 1, &req(1, 0, vec![]));
-        assert_eq!(
-            (r.status, r.data.as_slice()),
-            (0, &0x71u32.to_le_bytes()[..])
-        );
-        let mut ro = VecArea {
-            bytes: vec![0; 4096],
-            writable: false,
-        };
-        assert_eq!(
-            serve(&mut ro, 1, &req(1, 0, vec![])).data.as_slice(),
-            0x31u32.to_le_bytes()
-        );
+        assert_eq!((r.status, r.data.as_slice()), (0, &0x71u32.to_le_bytes()[..]));
+        let mut ro = VecArea { bytes: vec![0; 4096], writable: false };
+        assert_eq!(serve(&mut ro, 1, &req(1, 0, vec![])).data.as_slice(), 0x31u32.to_le_bytes());
         let mut none = area(0);
-        assert_eq!(
-            serve(&mut none, 1, &req(1, 0, vec![])).data.as_slice(),
-            [0; 4]
-        );
+        assert_eq!(serve(&mut none, 1, &req(1, 0, vec![])).data.as_slice(), [0; 4]);
         // Another handle: no functions.
         assert_eq!(serve(&mut a, 1, &req(2, 0, vec![])).data.as_slice(), [0; 4]);
     }
@@ -271,16 +232,9 @@ pub(crate) mod tests {
     #[test]
     fn status_codes() {
         let mut a = area(128 << 10);
-        assert_eq!(
-            serve(&mut a, 1, &req(2, 4, vec![])).status,
-            DsmReply::NO_SUCH_DEVICE
-        );
+        assert_eq!(serve(&mut a, 1, &req(2, 4, vec![])).status, DsmReply::NO_SUCH_DEVICE);
         for f in [1, 2, 3, 7, 31, 32, 1000, u32::MAX] {
-            assert_eq!(
-                serve(&mut a, 1, &req(1, f, vec![])).status,
-                DsmReply::UNSUPPORTED,
-                "{f}"
-            );
+            assert_eq!(serve(&mut a, 1, &req(1, f, vec![])).status, DsmReply::UNSUPPORTED, "{f}");
         }
         let mut r = req(1, 4, vec![]);
         r.revision = 2;
@@ -289,10 +243,7 @@ pub(crate) mod tests {
         for f in [4, 5, 6] {
             assert_eq!(serve(&mut none, 1, &req(1, f, rw_arg(0, 0, &[]))).status, 1);
         }
-        let mut ro = VecArea {
-            bytes: vec![0; 4096],
-            writable: false,
-        };
+        let mut ro = VecArea { bytes: vec![0; 4096], writable: false };
         assert_eq!(serve(&mut ro, 1, &req(1, 6, rw_arg(0, 1, &[1]))).status, 1);
         assert_eq!(ro.bytes[0], 0);
     }
@@ -310,10 +261,7 @@ pub(crate) mod tests {
         let mut a = area(128 << 10);
         let data: Vec<u8> = (0..MAX_XFER).map(|i| i as u8 ^ 0x5a).collect();
         let off = (128 << 10) - MAX_XFER;
-        assert_eq!(
-            serve(&mut a, 1, &req(1, 6, rw_arg(off, MAX_XFER, &data))).status,
-            0
-        );
+        assert_eq!(serve(&mut a, 1, &req(1, 6, rw_arg(off, MAX_XFER, &data))).status, 0);
         let r = serve(&mut a, 1, &req(1, 5, rw_arg(off, MAX_XFER, &[])));
         assert_eq!((r.status, r.data.as_slice()), (0, data.as_slice()));
         // Zero-length transfers are valid, also at the very end.
@@ -348,10 +296,7 @@ pub(crate) mod tests {
             );
             assert!(r.data.is_empty());
         }
-        assert!(
-            a.bytes.iter().all(|&b| b == 0),
-            "a refused write changed the labels"
-        );
+        assert!(a.bytes.iter().all(|&b| b == 0), "a refused write changed the labels");
     }
 
     #[test]
@@ -371,16 +316,7 @@ pub(crate) mod tests {
             let mut arg3: Vec<u8> = (0..len).map(|_| next() as u8).collect();
             // Bias half of the cases toward the interesting edges.
             if arg3.len() >= 8 && i % 2 == 0 {
-                let edges = [
-                    0,
-                    1,
-                    size - 1,
-                    size,
-                    size + 1,
-                    MAX_XFER,
-                    MAX_XFER + 1,
-                    u32::MAX,
-                ];
+                let edges = [0, 1, size - 1, size, size + 1, MAX_XFER, MAX_XFER + 1, u32::MAX];
                 let o = edges[(next() % 8) as usize];
                 let l = edges[(next() % 8) as usize];
                 arg3[0..4].copy_from_slice(&o.to_le_bytes());

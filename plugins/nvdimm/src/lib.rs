@@ -30,16 +30,9 @@ impl Plugin for NvdimmPlugin {
         }]
     }
 
-    fn create(
-        kind: &str,
-        id: &str,
-        config: &str,
-        host: Host,
-    ) -> Result<Box<dyn DeviceModel>, PluginError> {
+    fn create(kind: &str, id: &str, config: &str, host: Host) -> Result<Box<dyn DeviceModel>, PluginError> {
         if kind != KIND {
-            return Err(PluginError::unsupported(format!(
-                "nvdimm plugin has no kind {kind:?}"
-            )));
+            return Err(PluginError::unsupported(format!("nvdimm plugin has no kind {kind:?}")));
         }
         let config = config::NvdimmConfig::parse(config)?;
         Ok(Box::new(device::Nvdimm::new(id, config, host)?))

@@ -43,13 +43,7 @@ pub struct NvdimmState {
 impl NvdimmState {
     pub fn of(d: &Nvdimm) -> Self {
         let c = d.config();
-        Self {
-            size: c.size,
-            label_size: c.label_size,
-            slot: c.slot,
-            node: c.node,
-            base: d.base(),
-        }
+        Self { size: c.size, label_size: c.label_size, slot: c.slot, node: c.node, base: d.base() }
     }
 
     pub fn encode(&self) -> Vec<u8> {

@@ -4,8 +4,8 @@ use std::sync::{Arc, Mutex};
 
 use dmhost_plugin_api::{
     abi_stable::{sabi_trait::TD_Opaque, std_types::RArc},
-    Host, HostServices, HostServices_TO, IoSpace, MemoryRegion, PluginError, RResult, RSlice,
-    RSliceMut, RStr,
+    Host, HostServices, HostServices_TO, IoSpace, MemoryRegion, PluginError, RResult, RSlice, RSliceMut,
+    RStr,
 };
 
 /// One recorded host call.
@@ -70,24 +70,15 @@ impl HostServices for RecordingHost {
         RResult::ROk(())
     }
     fn register_ram(&self, name: RStr<'_>, region: MemoryRegion) -> RResult<(), PluginError> {
-        self.push(Call::RegisterRam {
-            name: name.to_string(),
-            size: region.size,
-        });
+        self.push(Call::RegisterRam { name: name.to_string(), size: region.size });
         RResult::ROk(())
     }
     fn unregister_ram(&self, name: RStr<'_>) -> RResult<(), PluginError> {
-        self.push(Call::UnregisterRam {
-            name: name.to_string(),
-        });
+        self.push(Call::UnregisterRam { name: name.to_string() });
         RResult::ROk(())
     }
     fn mark_dirty(&self, name: RStr<'_>, offset: u64, len: u64) -> RResult<(), PluginError> {
-        self.push(Call::MarkDirty {
-            name: name.to_string(),
-            offset,
-            len,
-        });
+        self.push(Call::MarkDirty { name: name.to_string(), offset, len });
         RResult::ROk(())
     }
     fn read_guest(&self, _: u64, _: RSliceMut<'_, u8>) -> RResult<(), PluginError> {

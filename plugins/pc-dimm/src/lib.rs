@@ -22,12 +22,7 @@ impl Plugin for PcDimmPlugin {
         }]
     }
 
-    fn create(
-        kind: &str,
-        id: &str,
-        config: &str,
-        host: Host,
-    ) -> Result<Box<dyn DeviceModel>, PluginError> {
+    fn create(kind: &str, id: &str, config: &str, host: Host) -> Result<Box<dyn DeviceModel>, PluginError> {
         if kind != KIND {
             return Err(PluginError::unsupported(format!("pc-dimm plugin has no kind {kind:?}")));
         }

@@ -31,8 +31,7 @@ impl PcDimmState {
                 "pc-dimm state version {version} is not supported (this plugin loads {STATE_VERSION})"
             )));
         }
-        serde_json::from_slice(data)
-            .map_err(|e| PluginError::migration(format!("pc-dimm state: {e}")))
+        serde_json::from_slice(data).map_err(|e| PluginError::migration(format!("pc-dimm state: {e}")))
     }
 
     /// The destination was configured the same way: refuse a mismatch

@@ -99,7 +99,14 @@ impl TestdevConfig {
                 "{KIND} devfn {devfn:#x} / intx-pin {intx_pin}: devfn must be below 0x100, intx-pin 1..=4"
             )));
         }
-        Ok(Self { mmio_base: raw.mmio_base, mem_size, mem_addr: raw.mem_addr, panic_on: raw.panic_on, devfn, intx_pin })
+        Ok(Self {
+            mmio_base: raw.mmio_base,
+            mem_size,
+            mem_addr: raw.mem_addr,
+            panic_on: raw.panic_on,
+            devfn,
+            intx_pin,
+        })
     }
 }
 
@@ -109,8 +116,7 @@ mod tests {
 
     #[test]
     fn parses_and_rejects() {
-        let c = TestdevConfig::parse(r#"{"mmio-base": 4096, "mem-size": "2M", "panic-on": "plug"}"#)
-            .unwrap();
+        let c = TestdevConfig::parse(r#"{"mmio-base": 4096, "mem-size": "2M", "panic-on": "plug"}"#).unwrap();
         assert_eq!(c.mmio_base, Some(4096));
         assert_eq!(c.mem_size, Some(2 << 20));
         assert_eq!(c.panic_on.as_deref(), Some("plug"));

@@ -148,7 +148,12 @@ impl DeviceModel for Testdev {
             self.host.register_io(IoSpace::Mmio, base, BANK_SIZE).into_result()?;
         }
         self.region_gpa = info.region_gpa.into_option().unwrap_or(0);
-        log::info!("testdev {} plugged (mmio {:?}, region {:#x})", self.id, self.config.mmio_base, self.region_gpa);
+        log::info!(
+            "testdev {} plugged (mmio {:?}, region {:#x})",
+            self.id,
+            self.config.mmio_base,
+            self.region_gpa
+        );
         Ok(())
     }
 

@@ -29,12 +29,7 @@ impl Plugin for TestdevPlugin {
         }]
     }
 
-    fn create(
-        kind: &str,
-        id: &str,
-        config: &str,
-        host: Host,
-    ) -> Result<Box<dyn DeviceModel>, PluginError> {
+    fn create(kind: &str, id: &str, config: &str, host: Host) -> Result<Box<dyn DeviceModel>, PluginError> {
         if kind != KIND {
             return Err(PluginError::unsupported(format!("testdev plugin has no kind {kind:?}")));
         }

@@ -36,22 +36,12 @@ impl BarMap {
         let mut v: Vec<_> = cfg
             .bars()
             .filter_map(|b| {
-                let space = if b.kind == BarKind::Io {
-                    IoSpace::Pio
-                } else {
-                    IoSpace::Mmio
-                };
-                cfg.bar_address(b.index)
-                    .map(|gpa| (b.index, space, gpa, b.size))
+                let space = if b.kind == BarKind::Io { IoSpace::Pio } else { IoSpace::Mmio };
+                cfg.bar_address(b.index).map(|gpa| (b.index, space, gpa, b.size))
             })
             .collect();
         if let Some(gpa) = cfg.rom_address() {
-            v.push((
-                VFIO_PCI_ROM_REGION_INDEX,
-                IoSpace::Mmio,
-                gpa,
-                cfg.rom_size(),
-            ));
+            v.push((VFIO_PCI_ROM_REGION_INDEX, IoSpace::Mmio, gpa, cfg.rom_size()));
         }
         v
     }
@@ -67,9 +57,7 @@ impl BarMap {
         let wanted = Self::wanted(cfg);
         let current = std::mem::take(&mut self.maps);
         for m in current {
-            let keep = wanted
-                .iter()
-                .any(|&(i, s, g, z)| (i, s, g, z) == (m.index, m.space, m.gpa, m.size));
+            let keep = wanted.iter().any(|&(i, s, g, z)| (i, s, g, z) == (m.index, m.space, m.gpa, m.size));
             if keep {
                 self.maps.push(m);
             } else {
@@ -80,13 +68,7 @@ impl BarMap {
             if self.maps.iter().any(|m| m.index == index) {
                 continue;
             }
-            let mut mapping = Mapping {
-                index,
-                space,
-                gpa,
-                size,
-                direct: false,
-            };
+            let mut mapping = Mapping { index, space, gpa, size, direct: false };
             if direct.is_some_and(|d| d.index == index && d.size == size) {
                 match host.physmap_add(gpa, size, 0).into_result() {
                     Ok(()) => mapping.direct = true,
@@ -97,9 +79,7 @@ impl BarMap {
             }
             if !mapping.direct {
                 if let Err(e) = host.register_io(space, gpa, size).into_result() {
-                    log::warn!(
-                        "vfio-pci {id}: BAR{index} at {gpa:#x}+{size:#x}: {e}; left unmapped"
-                    );
+                    log::warn!("vfio-pci {id}: BAR{index} at {gpa:#x}+{size:#x}: {e}; left unmapped");
                     continue;
                 }
             }
@@ -136,10 +116,6 @@ fn remove(host: &Host, m: &Mapping, id: &str) {
         host.unregister_io(m.space, m.gpa, m.size)
     };
     if let Err(e) = r.into_result() {
-        log::warn!(
-            "vfio-pci {id}: removing BAR{} at {:#x}: {e}",
-            m.index,
-            m.gpa
-        );
+        log::warn!("vfio-pci {id}: removing BAR{} at {:#x}: {e}", m.index, m.gpa);
     }
 }

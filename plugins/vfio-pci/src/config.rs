@@ -41,11 +41,7 @@ struct Raw {
 impl VfioPciConfig {
     pub fn parse(text: &str) -> Result<Self, PluginError> {
         let raw: Raw = parse_config(KIND, text)?;
-        let given = [
-            raw.host.is_some(),
-            raw.sysfsdev.is_some(),
-            raw.driver.is_some(),
-        ];
+        let given = [raw.host.is_some(), raw.sysfsdev.is_some(), raw.driver.is_some()];
         if given.iter().filter(|&&g| g).count() != 1 {
             return Err(PluginError::config(format!(
                 "{KIND}: give exactly one of \"host\" (PCI address), \"sysfsdev\" (sysfs path) or \"driver\" (vendor driver)"
@@ -61,9 +57,7 @@ impl VfioPciConfig {
             }
         };
         if raw.driver.is_none() && raw.driver_config.is_some() {
-            return Err(PluginError::config(format!(
-                "{KIND}: driver-config needs \"driver\""
-            )));
+            return Err(PluginError::config(format!("{KIND}: driver-config needs \"driver\"")));
         }
         let source = match raw.driver {
             Some(matching) => {
@@ -87,11 +81,7 @@ impl VfioPciConfig {
                 Source::Kernel { sysfs, cdev }
             }
         };
-        Ok(Self {
-            source,
-            intx_gsi: raw.intx_gsi,
-            allow_precopy: raw.allow_pre_copy.unwrap_or(true),
-        })
+        Ok(Self { source, intx_gsi: raw.intx_gsi, allow_precopy: raw.allow_pre_copy.unwrap_or(true) })
     }
 }
 
@@ -104,10 +94,7 @@ mod tests {
         let c = VfioPciConfig::parse(r#"{"host":"0000:01:00.0","intx-gsi":10}"#).unwrap();
         assert_eq!(
             c.source,
-            Source::Kernel {
-                sysfs: "/sys/bus/pci/devices/0000:01:00.0".into(),
-                cdev: false
-            }
+            Source::Kernel { sysfs: "/sys/bus/pci/devices/0000:01:00.0".into(), cdev: false }
         );
         assert_eq!((c.intx_gsi, c.allow_precopy), (Some(10), true));
         let c = VfioPciConfig::parse(
@@ -116,10 +103,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             c.source,
-            Source::Driver {
-                matching: "1de5:0001".into(),
-                config: r#"{"state-size":"1M"}"#.into()
-            }
+            Source::Driver { matching: "1de5:0001".into(), config: r#"{"state-size":"1M"}"#.into() }
         );
         assert!(!c.allow_precopy);
         for bad in [

@@ -43,13 +43,10 @@ pub enum ConfigError {
     Device(#[source] BackendError),
     #[error("saved config space is {0} bytes, expected {CONFIG_LEN}")]
     SavedLength(usize),
-    #[error("saved config space is for {saved:04x}:{saved_dev:04x}, this device is {ours:04x}:{ours_dev:04x}")]
-    Identity {
-        saved: u16,
-        saved_dev: u16,
-        ours: u16,
-        ours_dev: u16,
-    },
+    #[error(
+        "saved config space is for {saved:04x}:{saved_dev:04x}, this device is {ours:04x}:{ours_dev:04x}"
+    )]
+    Identity { saved: u16, saved_dev: u16, ours: u16, ours_dev: u16 },
 }
 
 /// What a BAR decodes.
@@ -121,41 +118,24 @@ impl ConfigSpace {
     /// Build from the device through `backend`.
     pub fn from_backend(backend: &dyn VfioBackend) -> Result<Self, ConfigError> {
         let mut raw = [0u8; CONFIG_LEN];
-        backend
-            .region_read(VFIO_PCI_CONFIG_REGION_INDEX, 0, &mut raw)
-            .map_err(ConfigError::Device)?;
-        let sizes: Vec<u64> = (0..7)
-            .map(|i| backend.region_info(i).map(|r| r.size).unwrap_or(0))
-            .collect();
+        backend.region_read(VFIO_PCI_CONFIG_REGION_INDEX, 0, &mut raw).map_err(ConfigError::Device)?;
+        let sizes: Vec<u64> = (0..7).map(|i| backend.region_info(i).map(|r| r.size).unwrap_or(0)).collect();
         let rom = sizes[VFIO_PCI_ROM_REGION_INDEX as usize];
-        let intx = backend
-            .irq_info(VFIO_PCI_INTX_IRQ_INDEX)
-            .map(|i| i.count)
-            .unwrap_or(0);
+        let intx = backend.irq_info(VFIO_PCI_INTX_IRQ_INDEX).map(|i| i.count).unwrap_or(0);
         Ok(Self::build(raw, &sizes[..6], rom, intx > 0))
     }
 
     /// Build from raw device config bytes and region sizes.
     pub fn build(raw: [u8; CONFIG_LEN], bar_sizes: &[u64], rom_size: u64, has_intx: bool) -> Self {
-        let mut c = Self {
-            bytes: raw,
-            wmask: [0; CONFIG_LEN],
-            bars: [None; 6],
-            rom_size: 0,
-            msi: None,
-            msix: None,
-        };
+        let mut c =
+            Self { bytes: raw, wmask: [0; CONFIG_LEN], bars: [None; 6], rom_size: 0, msi: None, msix: None };
         c.bytes[0x0e] &= 0x80; // header type 0 (keep the multifunction bit)
         c.set16(PCI_COMMAND, 0);
         c.wmask[PCI_COMMAND..PCI_COMMAND + 2].copy_from_slice(&CMD_WRITABLE.to_le_bytes());
         c.wmask[0x0c] = 0xff; // cache line size
         c.wmask[0x0d] = 0xff; // latency timer
         c.wmask[PCI_INT_LINE] = 0xff;
-        c.bytes[PCI_INT_PIN] = if has_intx {
-            c.bytes[PCI_INT_PIN].clamp(1, 4)
-        } else {
-            0
-        };
+        c.bytes[PCI_INT_PIN] = if has_intx { c.bytes[PCI_INT_PIN].clamp(1, 4) } else { 0 };
 
         // BARs: kind from the device's low bits, size from region info.
         let mut i = 0;
@@ -187,12 +167,7 @@ impl ConfigSpace {
             let low_bits = if kind == BarKind::Io { 0x3 } else { 0xf };
             c.set32(at, flags);
             c.wmask[at..at + 4].copy_from_slice(&((addr_mask as u32) & !low_bits).to_le_bytes());
-            c.bars[i] = Some(Bar {
-                index: i as u32,
-                kind,
-                size,
-                prefetch,
-            });
+            c.bars[i] = Some(Bar { index: i as u32, kind, size, prefetch });
             if kind == BarKind::Mem64 {
                 c.set32(at + 4, 0);
                 c.wmask[at + 4..at + 8].copy_from_slice(&((addr_mask >> 32) as u32).to_le_bytes());
@@ -204,10 +179,7 @@ impl ConfigSpace {
         // Expansion ROM: sized by region info, enable bit writable.
         c.set32(PCI_ROM, 0);
         if rom_size > 0 {
-            let size = rom_size
-                .max(2048)
-                .checked_next_power_of_two()
-                .unwrap_or(1 << 31);
+            let size = rom_size.max(2048).checked_next_power_of_two().unwrap_or(1 << 31);
             c.rom_size = size;
             let mask = (!(size - 1) as u32 & 0xffff_f800) | 1;
             c.wmask[PCI_ROM..PCI_ROM + 4].copy_from_slice(&mask.to_le_bytes());
@@ -244,10 +216,7 @@ impl ConfigSpace {
                     let ctl = rd16(&self.bytes, ptr + 2);
                     self.set16(ptr + 2, ctl & 0x07ff); // disabled, unmasked
                     self.wmask[ptr + 3] = 0xc0; // enable, function mask
-                    self.msix = Some(MsixCap {
-                        offset: ptr,
-                        table_size: (ctl & 0x7ff) + 1,
-                    });
+                    self.msix = Some(MsixCap { offset: ptr, table_size: (ctl & 0x7ff) + 1 });
                 }
                 _ => {}
             }
@@ -276,18 +245,10 @@ impl ConfigSpace {
         if per_vector_mask {
             let mmc = (ctl >> 1) & 7;
             let vectors = 1u32 << mmc;
-            let mask = if vectors >= 32 {
-                u32::MAX
-            } else {
-                (1 << vectors) - 1
-            };
+            let mask = if vectors >= 32 { u32::MAX } else { (1 << vectors) - 1 };
             self.wmask[data + 4..data + 8].copy_from_slice(&mask.to_le_bytes());
         }
-        self.msi = Some(MsiCap {
-            offset: at,
-            is64,
-            per_vector_mask,
-        });
+        self.msi = Some(MsiCap { offset: at, is64, per_vector_mask });
     }
 
     fn set16(&mut self, at: usize, v: u16) {
@@ -299,9 +260,7 @@ impl ConfigSpace {
 
     fn check(offset: u32, len: usize) -> Result<(), ConfigError> {
         let ok = matches!(len, 1 | 2 | 4 | 8)
-            && offset
-                .checked_add(len as u32)
-                .is_some_and(|end| end <= EXT_CONFIG_LEN);
+            && offset.checked_add(len as u32).is_some_and(|end| end <= EXT_CONFIG_LEN);
         if ok {
             Ok(())
         } else {
@@ -347,17 +306,12 @@ impl ConfigSpace {
             if (old ^ new) & CMD_INTX_DISABLE != 0 {
                 fx.push(ConfigEffect::IntxDisable);
             }
-            fx.push(ConfigEffect::Forward {
-                offset: PCI_COMMAND,
-                len: 2,
-            });
+            fx.push(ConfigEffect::Forward { offset: PCI_COMMAND, len: 2 });
         }
         for bar in 0..6u32 {
             let at = PCI_BAR0 + 4 * bar as usize;
             if touches(at, 4) && self.bar_register_owner(bar).is_some() {
-                fx.push(ConfigEffect::BarWritten(
-                    self.bar_register_owner(bar).unwrap_or(bar),
-                ));
+                fx.push(ConfigEffect::BarWritten(self.bar_register_owner(bar).unwrap_or(bar)));
             }
         }
         if touches(PCI_ROM, 4) && self.rom_size > 0 {
@@ -367,13 +321,9 @@ impl ConfigSpace {
             let end = msi.offset + if msi.is64 { 14 } else { 10 };
             if touches(msi.offset + 2, 2) && changed(msi.offset + 2, 2) {
                 fx.push(ConfigEffect::MsiControl);
-                fx.push(ConfigEffect::Forward {
-                    offset: msi.offset + 2,
-                    len: 2,
-                });
+                fx.push(ConfigEffect::Forward { offset: msi.offset + 2, len: 2 });
             }
-            if touches(msi.offset + 4, end - msi.offset - 4)
-                && changed(msi.offset + 4, end - msi.offset - 4)
+            if touches(msi.offset + 4, end - msi.offset - 4) && changed(msi.offset + 4, end - msi.offset - 4)
             {
                 fx.push(ConfigEffect::MsiRoute);
             }
@@ -381,10 +331,7 @@ impl ConfigSpace {
         if let Some(msix) = self.msix {
             if touches(msix.offset + 2, 2) && changed(msix.offset + 2, 2) {
                 fx.push(ConfigEffect::MsixControl);
-                fx.push(ConfigEffect::Forward {
-                    offset: msix.offset + 2,
-                    len: 2,
-                });
+                fx.push(ConfigEffect::Forward { offset: msix.offset + 2, len: 2 });
             }
         }
         fx.dedup();
@@ -398,9 +345,7 @@ impl ConfigSpace {
             return Some(b.index);
         }
         let below = reg.checked_sub(1)?;
-        self.bars[below as usize]
-            .filter(|b| b.kind == BarKind::Mem64)
-            .map(|b| b.index)
+        self.bars[below as usize].filter(|b| b.kind == BarKind::Mem64).map(|b| b.index)
     }
 
     pub fn command(&self) -> u16 {
@@ -431,10 +376,7 @@ impl ConfigSpace {
             BarKind::Mem64 => {
                 let hi_mask = rd32(&self.wmask, at + 4);
                 let hi = rd32(&self.bytes, at + 4) & hi_mask;
-                (
-                    u64::from(lo) | (u64::from(hi) << 32),
-                    lo == lo_mask && hi == hi_mask,
-                )
+                (u64::from(lo) | (u64::from(hi) << 32), lo == lo_mask && hi == hi_mask)
             }
             _ => (u64::from(lo), lo == lo_mask),
         };
@@ -464,25 +406,16 @@ impl ConfigSpace {
         let ctl = rd16(&self.bytes, m.offset + 2);
         let lo = u64::from(rd32(&self.bytes, m.offset + 4));
         let (addr, data_at) = if m.is64 {
-            (
-                lo | (u64::from(rd32(&self.bytes, m.offset + 8)) << 32),
-                m.offset + 12,
-            )
+            (lo | (u64::from(rd32(&self.bytes, m.offset + 8)) << 32), m.offset + 12)
         } else {
             (lo, m.offset + 8)
         };
         let vectors = 1u32 << ((ctl >> 4) & 7).min(5);
-        Some((
-            ctl & 1 != 0,
-            vectors,
-            addr,
-            u32::from(rd16(&self.bytes, data_at)),
-        ))
+        Some((ctl & 1 != 0, vectors, addr, u32::from(rd16(&self.bytes, data_at))))
     }
 
     pub fn msix_enabled(&self) -> bool {
-        self.msix
-            .is_some_and(|m| self.bytes[m.offset + 3] & 0x80 != 0)
+        self.msix.is_some_and(|m| self.bytes[m.offset + 3] & 0x80 != 0)
     }
 
     pub fn intx_disabled(&self) -> bool {
@@ -511,12 +444,7 @@ impl ConfigSpace {
         let (ours, ours_dev) = self.ids();
         let (saved_id, saved_dev) = (rd16(saved, 0), rd16(saved, 2));
         if (saved_id, saved_dev) != (ours, ours_dev) {
-            return Err(ConfigError::Identity {
-                saved: saved_id,
-                saved_dev,
-                ours,
-                ours_dev,
-            });
+            return Err(ConfigError::Identity { saved: saved_id, saved_dev, ours, ours_dev });
         }
         for (at, &v) in saved.iter().enumerate() {
             let m = self.wmask[at];
@@ -583,11 +511,7 @@ mod tests {
         assert_eq!((r32(&c, 0x14), r32(&c, 0x24)), (0, 0));
         // ROM.
         w32(&mut c, 0x30, 0xffff_ffff);
-        assert_eq!(
-            r32(&c, 0x30),
-            0xffff_0001,
-            "64 KiB ROM, enable bit writable"
-        );
+        assert_eq!(r32(&c, 0x30), 0xffff_0001, "64 KiB ROM, enable bit writable");
         assert_eq!(c.rom_address(), None, "sizing value is not an address");
     }
 
@@ -602,16 +526,8 @@ mod tests {
         assert_eq!(c.bar_address(0), Some(0xc000_0000));
         w32(&mut c, 0x18, 0x0000_0000);
         let fx = w32(&mut c, 0x1c, 0x0000_0001);
-        assert_eq!(
-            fx,
-            [ConfigEffect::BarWritten(2)],
-            "upper half belongs to BAR2"
-        );
-        assert_eq!(
-            c.bar_address(2),
-            Some(0x1_0000_0000),
-            "64-bit address above 4 GiB"
-        );
+        assert_eq!(fx, [ConfigEffect::BarWritten(2)], "upper half belongs to BAR2");
+        assert_eq!(c.bar_address(2), Some(0x1_0000_0000), "64-bit address above 4 GiB");
         w32(&mut c, 0x18, 0x1000_0000);
         assert_eq!(c.bar_address(2), Some(0x1_1000_0000));
         w32(&mut c, 0x10, 0xffff_ffff);
@@ -644,11 +560,7 @@ mod tests {
         c.read(PCI_INT_LINE as u32, &mut pin).unwrap();
         assert_eq!(pin, [11], "line read-write");
         c.write(0x70, &[0xff, 0xff]).unwrap();
-        assert_eq!(
-            r32(&c, 0x70) & 0xffff,
-            0x0009,
-            "other capabilities read-only"
-        );
+        assert_eq!(r32(&c, 0x70) & 0xffff, 0x0009, "other capabilities read-only");
         w32(&mut c, 0x34, 0);
         assert_eq!(r32(&c, 0x34) & 0xff, 0x40, "capability pointer read-only");
         // Extended space reads zero and ignores writes; beyond it is refused.
@@ -671,11 +583,7 @@ mod tests {
         c.write(base + 12, &0x4041u16.to_le_bytes()).unwrap();
         let fx = c.write(base + 2, &[0x21]).unwrap();
         assert!(fx.contains(&ConfigEffect::MsiControl));
-        assert_eq!(
-            c.msi_state(),
-            Some((true, 4, 0xfee0_1000, 0x4041)),
-            "low address bits masked"
-        );
+        assert_eq!(c.msi_state(), Some((true, 4, 0xfee0_1000, 0x4041)), "low address bits masked");
         // Mask bits: 4 vectors capable -> 4 writable bits.
         w32(&mut c, base + 16, 0xffff_ffff);
         assert_eq!(r32(&c, base + 16), 0xf);
@@ -718,10 +626,7 @@ mod tests {
         assert_eq!(b.bytes()[0x08], 0);
         let mut other = saved.clone();
         other[0] = 0x86;
-        assert!(matches!(
-            b.restore(&other),
-            Err(ConfigError::Identity { .. })
-        ));
+        assert!(matches!(b.restore(&other), Err(ConfigError::Identity { .. })));
         assert!(b.restore(&saved[..100]).is_err());
     }
 }

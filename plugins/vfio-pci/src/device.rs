@@ -8,8 +8,8 @@ use dmhost_plugin_api::{
         VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK, VFIO_PCI_CONFIG_REGION_INDEX,
         VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX,
     },
-    DeviceModel, ErrorKind, GuestRegion, Host, IoSpace, MemoryRegion, PendingSize, PlugInfo,
-    PluginError, RStr, SaveChunk,
+    DeviceModel, ErrorKind, GuestRegion, Host, IoSpace, MemoryRegion, PendingSize, PlugInfo, PluginError,
+    RStr, SaveChunk,
 };
 
 use crate::{
@@ -26,10 +26,7 @@ fn eventfd() -> Result<OwnedFd, PluginError> {
     // SAFETY: plain eventfd creation; the result is checked.
     let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
     if fd < 0 {
-        return Err(PluginError::io(format!(
-            "eventfd: {}",
-            std::io::Error::last_os_error()
-        )));
+        return Err(PluginError::io(format!("eventfd: {}", std::io::Error::last_os_error())));
     }
     // SAFETY: a fresh descriptor nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -75,10 +72,7 @@ impl VfioPci {
                     .open_vfio_driver(RStr::from(matching.as_str()), RStr::from(config.as_str()))
                     .into_result()
                     .map_err(|e| {
-                        PluginError::new(
-                            e.kind,
-                            format!("vfio-pci {id}: driver {matching:?}: {}", e.message),
-                        )
+                        PluginError::new(e.kind, format!("vfio-pci {id}: driver {matching:?}: {}", e.message))
                     })?;
                 Box::new(VendorBackend::new(matching, driver))
             }
@@ -108,10 +102,7 @@ impl VfioPci {
         for bar in config.bars() {
             match backend.region_mmap(bar.index) {
                 Ok(Some(region)) if region.size == bar.size && region.host_addr % 4096 == 0 => {
-                    direct = Some(DirectRegion {
-                        index: bar.index,
-                        region,
-                    });
+                    direct = Some(DirectRegion { index: bar.index, region });
                     break;
                 }
                 Ok(_) => {}
@@ -150,10 +141,7 @@ impl VfioPci {
     }
 
     fn direct_bar(&self) -> Option<DirectBar> {
-        self.direct.as_ref().map(|d| DirectBar {
-            index: d.index,
-            size: d.region.size,
-        })
+        self.direct.as_ref().map(|d| DirectBar { index: d.index, size: d.region.size })
     }
 
     fn sync_bars(&mut self) {
@@ -167,64 +155,36 @@ impl VfioPci {
         let Some(gsi) = self.intx_gsi else {
             return Ok(());
         };
-        let count = self
-            .backend
-            .irq_info(VFIO_PCI_INTX_IRQ_INDEX)
-            .map(|i| i.count)
-            .unwrap_or(0);
+        let count = self.backend.irq_info(VFIO_PCI_INTX_IRQ_INDEX).map(|i| i.count).unwrap_or(0);
         if count == 0 {
-            log::info!(
-                "vfio-pci {}: device has no INTx; intx-gsi {gsi} unused",
-                self.id
-            );
+            log::info!("vfio-pci {}: device has no INTx; intx-gsi {gsi} unused", self.id);
             return Ok(());
         }
         let (trigger, resample) = (eventfd()?, eventfd()?);
         let b = &self.backend;
-        b.set_irqs(
-            VFIO_PCI_INTX_IRQ_INDEX,
-            VFIO_IRQ_SET_ACTION_TRIGGER,
-            0,
-            &[trigger.as_raw_fd()],
-        )
-        .map_err(|e| self.err(format!("INTx trigger: {e}")))?;
-        if let Err(e) = b.set_irqs(
-            VFIO_PCI_INTX_IRQ_INDEX,
-            VFIO_IRQ_SET_ACTION_UNMASK,
-            0,
-            &[resample.as_raw_fd()],
-        ) {
+        b.set_irqs(VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[trigger.as_raw_fd()])
+            .map_err(|e| self.err(format!("INTx trigger: {e}")))?;
+        if let Err(e) =
+            b.set_irqs(VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_UNMASK, 0, &[resample.as_raw_fd()])
+        {
             let _ = b.set_irqs(VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[]);
             return Err(self.err(format!("INTx unmask: {e}")));
         }
-        if let Err(e) = self
-            .host
-            .register_irqfd(gsi, trigger.as_raw_fd(), resample.as_raw_fd())
-            .into_result()
+        if let Err(e) = self.host.register_irqfd(gsi, trigger.as_raw_fd(), resample.as_raw_fd()).into_result()
         {
             let _ = b.set_irqs(VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[]);
             return Err(e);
         }
-        self.intx = Some(Intx {
-            gsi,
-            trigger,
-            _resample: resample,
-        });
+        self.intx = Some(Intx { gsi, trigger, _resample: resample });
         Ok(())
     }
 
     fn teardown_intx(&mut self) {
         if let Some(intx) = self.intx.take() {
-            if let Err(e) = self
-                .host
-                .unregister_irqfd(intx.gsi, intx.trigger.as_raw_fd())
-                .into_result()
-            {
+            if let Err(e) = self.host.unregister_irqfd(intx.gsi, intx.trigger.as_raw_fd()).into_result() {
                 log::warn!("vfio-pci {}: INTx irqfd: {e}", self.id);
             }
-            let _ =
-                self.backend
-                    .set_irqs(VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[]);
+            let _ = self.backend.set_irqs(VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[]);
         }
     }
 
@@ -239,9 +199,7 @@ impl VfioPci {
                 }
             }
         }
-        let _ = self
-            .backend
-            .set_irqs(VFIO_PCI_MSI_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[]);
+        let _ = self.backend.set_irqs(VFIO_PCI_MSI_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[]);
     }
 
     /// Follow the guest's MSI enable/address/data.
@@ -253,11 +211,7 @@ impl VfioPci {
             self.teardown_msi();
             return Ok(());
         }
-        let max = self
-            .backend
-            .irq_info(VFIO_PCI_MSI_IRQ_INDEX)
-            .map(|i| i.count)
-            .unwrap_or(0);
+        let max = self.backend.irq_info(VFIO_PCI_MSI_IRQ_INDEX).map(|i| i.count).unwrap_or(0);
         let count = vectors.min(max) as usize;
         if count == 0 {
             return Ok(());
@@ -276,11 +230,7 @@ impl VfioPci {
         }
         for (vector, (fd, routed)) in self.msi.iter_mut().enumerate() {
             let vdata = data | vector as u32;
-            match self
-                .host
-                .register_msi_irqfd(fd.as_raw_fd(), address, vdata)
-                .into_result()
-            {
+            match self.host.register_msi_irqfd(fd.as_raw_fd(), address, vdata).into_result() {
                 Ok(()) => *routed = true,
                 Err(e) if e.kind == ErrorKind::Unsupported => {
                     if !self.msi_warned {
@@ -303,17 +253,18 @@ impl VfioPci {
                 ConfigEffect::MsiControl | ConfigEffect::MsiRoute => msi = true,
                 ConfigEffect::MsixControl => {
                     if self.config.msix_enabled() {
-                        log::warn!("vfio-pci {}: MSI-X is not emulated yet; the guest should use MSI or INTx", self.id);
+                        log::warn!(
+                            "vfio-pci {}: MSI-X is not emulated yet; the guest should use MSI or INTx",
+                            self.id
+                        );
                     }
                 }
                 ConfigEffect::IntxDisable => {}
                 ConfigEffect::Forward { offset, len } => {
                     let bytes = self.config.bytes()[offset..offset + len].to_vec();
-                    if let Err(e) = self.backend.region_write(
-                        VFIO_PCI_CONFIG_REGION_INDEX,
-                        offset as u64,
-                        &bytes,
-                    ) {
+                    if let Err(e) =
+                        self.backend.region_write(VFIO_PCI_CONFIG_REGION_INDEX, offset as u64, &bytes)
+                    {
                         log::debug!("vfio-pci {}: forwarding config {offset:#x}: {e}", self.id);
                     }
                 }
@@ -381,15 +332,8 @@ impl DeviceModel for VfioPci {
             // BAR decodes until the guest moves it.
             let (index, size) = (d.index, d.region.size);
             let at = 0x10 + 4 * index;
-            let mut fx = self
-                .config
-                .write(at, &(gpa as u32).to_le_bytes())
-                .map_err(|e| self.err(e))?;
-            if self
-                .config
-                .bar(index)
-                .is_some_and(|b| b.kind == crate::config_space::BarKind::Mem64)
-            {
+            let mut fx = self.config.write(at, &(gpa as u32).to_le_bytes()).map_err(|e| self.err(e))?;
+            if self.config.bar(index).is_some_and(|b| b.kind == crate::config_space::BarKind::Mem64) {
                 fx.extend(
                     self.config
                         .write(at + 4, &((gpa >> 32) as u32).to_le_bytes())
@@ -398,23 +342,11 @@ impl DeviceModel for VfioPci {
             }
             // As firmware would: the placed BAR decodes from the start.
             let cmd = self.config.command() | crate::config_space::CMD_MEM;
-            fx.extend(
-                self.config
-                    .write(0x04, &cmd.to_le_bytes())
-                    .map_err(|e| self.err(e))?,
-            );
-            let forward: Vec<_> = fx
-                .into_iter()
-                .filter(|f| matches!(f, ConfigEffect::Forward { .. }))
-                .collect();
+            fx.extend(self.config.write(0x04, &cmd.to_le_bytes()).map_err(|e| self.err(e))?);
+            let forward: Vec<_> =
+                fx.into_iter().filter(|f| matches!(f, ConfigEffect::Forward { .. })).collect();
             self.apply_effects(&forward)?;
-            self.bars.adopt(Mapping {
-                index,
-                space: IoSpace::Mmio,
-                gpa,
-                size,
-                direct: true,
-            });
+            self.bars.adopt(Mapping { index, space: IoSpace::Mmio, gpa, size, direct: true });
         }
         if let Err(e) = self.setup_intx() {
             self.plugged = false;
@@ -497,14 +429,8 @@ impl DeviceModel for VfioPci {
             .restore(&saved)
             .map_err(|e| PluginError::migration(format!("vfio-pci {}: {e}", self.id)))?;
         // Re-derive everything config space drives.
-        let forward = [
-            ConfigEffect::Forward {
-                offset: 0x04,
-                len: 2,
-            },
-            ConfigEffect::Decode,
-            ConfigEffect::MsiControl,
-        ];
+        let forward =
+            [ConfigEffect::Forward { offset: 0x04, len: 2 }, ConfigEffect::Decode, ConfigEffect::MsiControl];
         self.apply_effects(&forward)
     }
     fn load_cleanup(&mut self) -> Result<(), PluginError> {

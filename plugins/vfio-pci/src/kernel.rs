@@ -22,8 +22,8 @@ use std::{
 use dmhost_plugin_api::{
     vfio::{
         VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_SET_ACTION_MASK,
-        VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK, VFIO_PCI_NUM_IRQS,
-        VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_MMAP,
+        VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS,
+        VFIO_REGION_INFO_FLAG_MMAP,
     },
     MemoryRegion, MigState, VfioDeviceInfo, VfioIrqInfo, VfioPrecopyInfo, VfioRegionInfo,
 };
@@ -98,29 +98,14 @@ pub fn irq_set_arg(index: u32, action: u32, start: u32, fds: &[RawFd]) -> Vec<u8
     let (data_flag, count) = if fds.is_empty() {
         // TRIGGER with no data and count 0 disables the index; MASK/UNMASK
         // with no data act on one vector now.
-        (
-            VFIO_IRQ_SET_DATA_NONE,
-            u32::from(action != VFIO_IRQ_SET_ACTION_TRIGGER),
-        )
+        (VFIO_IRQ_SET_DATA_NONE, u32::from(action != VFIO_IRQ_SET_ACTION_TRIGGER))
     } else {
         (VFIO_IRQ_SET_DATA_EVENTFD, fds.len() as u32)
     };
     let argsz = size_of::<VfioIrqSet>() + std::mem::size_of_val(fds);
-    let header = VfioIrqSet {
-        argsz: argsz as u32,
-        flags: data_flag | action,
-        index,
-        start,
-        count,
-    };
+    let header = VfioIrqSet { argsz: argsz as u32, flags: data_flag | action, index, start, count };
     let mut buf = Vec::with_capacity(argsz);
-    for field in [
-        header.argsz,
-        header.flags,
-        header.index,
-        header.start,
-        header.count,
-    ] {
+    for field in [header.argsz, header.flags, header.index, header.start, header.count] {
         buf.extend_from_slice(&field.to_ne_bytes());
     }
     for fd in fds {
@@ -194,12 +179,7 @@ impl KernelBackend {
         let device = VfioDevice::new(path, container.clone(), false)
             .map_err(|e| KernelError::Device(path.to_path_buf(), e))?;
         log::info!("vfio-pci: opened kernel VFIO device {}", path.display());
-        Ok(Self {
-            path: path.to_path_buf(),
-            device,
-            _container: container,
-            maps: Default::default(),
-        })
+        Ok(Self { path: path.to_path_buf(), device, _container: container, maps: Default::default() })
     }
 
     fn region(&self, index: u32, offset: u64, len: usize) -> BackendResult<u64> {
@@ -218,10 +198,7 @@ impl KernelBackend {
         // reads/writes at most argsz bytes.
         let r = unsafe { libc::ioctl(self.device.as_raw_fd(), request as libc::c_ulong, arg) };
         if r < 0 {
-            return Err(BackendError::Io(format!(
-                "{what}: {}",
-                std::io::Error::last_os_error()
-            )));
+            return Err(BackendError::Io(format!("{what}: {}", std::io::Error::last_os_error())));
         }
         Ok(())
     }
@@ -251,10 +228,7 @@ impl VfioBackend for KernelBackend {
             Ok(Some(flags)) => flags,
             Ok(None) => 0,
             Err(e) => {
-                log::warn!(
-                    "vfio-pci {}: migration support query: {e}",
-                    self.path.display()
-                );
+                log::warn!("vfio-pci {}: migration support query: {e}", self.path.display());
                 0
             }
         };
@@ -282,12 +256,7 @@ impl VfioBackend for KernelBackend {
         // SAFETY: pread into a live buffer of `data.len()` bytes from the
         // device fd; the result is checked.
         let n = unsafe {
-            libc::pread(
-                self.device.as_raw_fd(),
-                data.as_mut_ptr().cast(),
-                data.len(),
-                at as libc::off_t,
-            )
+            libc::pread(self.device.as_raw_fd(), data.as_mut_ptr().cast(), data.len(), at as libc::off_t)
         };
         if n != data.len() as isize {
             return Err(BackendError::Io(format!(
@@ -303,12 +272,7 @@ impl VfioBackend for KernelBackend {
         // SAFETY: pwrite from a live buffer of `data.len()` bytes to the
         // device fd; the result is checked.
         let n = unsafe {
-            libc::pwrite(
-                self.device.as_raw_fd(),
-                data.as_ptr().cast(),
-                data.len(),
-                at as libc::off_t,
-            )
+            libc::pwrite(self.device.as_raw_fd(), data.as_ptr().cast(), data.len(), at as libc::off_t)
         };
         if n != data.len() as isize {
             return Err(BackendError::Io(format!(
@@ -322,11 +286,8 @@ impl VfioBackend for KernelBackend {
     fn region_mmap(&self, index: u32) -> BackendResult<Option<MemoryRegion>> {
         let flags = self.device.get_region_flags(index);
         let size = self.device.get_region_size(index);
-        let sparse = self
-            .device
-            .get_region_caps(index)
-            .iter()
-            .any(|c| matches!(c, VfioRegionInfoCap::SparseMmap(_)));
+        let sparse =
+            self.device.get_region_caps(index).iter().any(|c| matches!(c, VfioRegionInfoCap::SparseMmap(_)));
         // Sparse areas (e.g. around an MSI-X table) stay trapped.
         if flags & VFIO_REGION_INFO_FLAG_MMAP == 0 || size == 0 || sparse {
             return Ok(None);
@@ -370,48 +331,30 @@ impl VfioBackend for KernelBackend {
             .device
             .get_irq_info(index)
             .ok_or_else(|| BackendError::Invalid(format!("no irq index {index}")))?;
-        Ok(VfioIrqInfo {
-            index,
-            flags: irq.flags,
-            count: irq.count,
-        })
+        Ok(VfioIrqInfo { index, flags: irq.flags, count: irq.count })
     }
 
     fn set_irqs(&self, index: u32, action: u32, start: u32, fds: &[RawFd]) -> BackendResult<()> {
-        if ![
-            VFIO_IRQ_SET_ACTION_MASK,
-            VFIO_IRQ_SET_ACTION_UNMASK,
-            VFIO_IRQ_SET_ACTION_TRIGGER,
-        ]
-        .contains(&action)
+        if ![VFIO_IRQ_SET_ACTION_MASK, VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_ACTION_TRIGGER]
+            .contains(&action)
         {
             return Err(BackendError::Invalid(format!("irq action {action:#x}")));
         }
         let mut arg = irq_set_arg(index, action, start, fds);
-        self.ioctl_arg(
-            VFIO_DEVICE_SET_IRQS,
-            arg.as_mut_ptr().cast(),
-            "VFIO_DEVICE_SET_IRQS",
-        )
+        self.ioctl_arg(VFIO_DEVICE_SET_IRQS, arg.as_mut_ptr().cast(), "VFIO_DEVICE_SET_IRQS")
     }
 
     fn reset(&self) -> BackendResult<()> {
         // SAFETY: VFIO_DEVICE_RESET takes no argument.
         let r = unsafe { libc::ioctl(self.device.as_raw_fd(), VFIO_DEVICE_RESET as libc::c_ulong) };
         if r < 0 {
-            return Err(BackendError::Io(format!(
-                "VFIO_DEVICE_RESET: {}",
-                std::io::Error::last_os_error()
-            )));
+            return Err(BackendError::Io(format!("VFIO_DEVICE_RESET: {}", std::io::Error::last_os_error())));
         }
         Ok(())
     }
 
     fn mig_state(&self) -> BackendResult<MigState> {
-        let raw = self
-            .device
-            .get_migration_state()
-            .map_err(|e| ioctl_err("get migration state", e))?;
+        let raw = self.device.get_migration_state().map_err(|e| ioctl_err("get migration state", e))?;
         decode(raw).map_err(|e| BackendError::Io(e.to_string()))
     }
 
@@ -419,51 +362,31 @@ impl VfioBackend for KernelBackend {
         // The kernel walks combination arcs itself; refuse what it would
         // refuse before asking, with a clearer message.
         let cur = self.mig_state()?;
-        path(cur, target, self.migration_flags())
-            .map_err(|e| BackendError::Invalid(e.to_string()))?;
-        self.device
-            .set_migration_state(target.raw())
-            .map_err(|e| ioctl_err(&format!("{cur} -> {target}"), e))
+        path(cur, target, self.migration_flags()).map_err(|e| BackendError::Invalid(e.to_string()))?;
+        self.device.set_migration_state(target.raw()).map_err(|e| ioctl_err(&format!("{cur} -> {target}"), e))
     }
 
     fn stop_copy_size(&self) -> BackendResult<u64> {
-        self.device
-            .get_mig_data_size()
-            .map_err(|e| ioctl_err("stop-copy size", e))
+        self.device.get_mig_data_size().map_err(|e| ioctl_err("stop-copy size", e))
     }
 
     fn precopy_info(&self) -> BackendResult<VfioPrecopyInfo> {
-        let i = self
-            .device
-            .mig_get_precopy_info()
-            .map_err(|e| ioctl_err("precopy info", e))?;
-        Ok(VfioPrecopyInfo {
-            initial_bytes: i.initial_bytes,
-            dirty_bytes: i.dirty_bytes,
-        })
+        let i = self.device.mig_get_precopy_info().map_err(|e| ioctl_err("precopy info", e))?;
+        Ok(VfioPrecopyInfo { initial_bytes: i.initial_bytes, dirty_bytes: i.dirty_bytes })
     }
 
     fn read_mig_data(&mut self, buf: &mut [u8]) -> BackendResult<usize> {
-        self.device
-            .read_migration_data(buf)
-            .map_err(|e| ioctl_err("migration data read", e))
+        self.device.read_migration_data(buf).map_err(|e| ioctl_err("migration data read", e))
     }
 
     fn write_mig_data(&mut self, data: &[u8]) -> BackendResult<()> {
-        self.device
-            .write_migration_data(data)
-            .map_err(|e| ioctl_err("migration data write", e))
+        self.device.write_migration_data(data).map_err(|e| ioctl_err("migration data write", e))
     }
 }
 
 impl Drop for KernelBackend {
     fn drop(&mut self) {
-        for (_, r) in self
-            .maps
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
+        for (_, r) in self.maps.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
             // SAFETY: unmapping exactly a mapping made in `region_mmap`.
             unsafe { libc::munmap(r.host_addr as *mut libc::c_void, r.size as usize) };
         }
@@ -486,26 +409,14 @@ mod tests {
         assert_eq!(VFIO_MIG_GET_PRECOPY_INFO, 0x3b79);
         assert_eq!(VFIO_IRQ_SET_DATA_NONE, uapi::VFIO_IRQ_SET_DATA_NONE);
         assert_eq!(VFIO_IRQ_SET_DATA_EVENTFD, uapi::VFIO_IRQ_SET_DATA_EVENTFD);
-        assert_eq!(
-            VFIO_IRQ_SET_ACTION_TRIGGER,
-            uapi::VFIO_IRQ_SET_ACTION_TRIGGER
-        );
+        assert_eq!(VFIO_IRQ_SET_ACTION_TRIGGER, uapi::VFIO_IRQ_SET_ACTION_TRIGGER);
         assert_eq!(VFIO_IRQ_SET_ACTION_UNMASK, uapi::VFIO_IRQ_SET_ACTION_UNMASK);
         assert_eq!(VFIO_IRQ_SET_ACTION_MASK, uapi::VFIO_IRQ_SET_ACTION_MASK);
         use dmhost_plugin_api::vfio::*;
-        assert_eq!(
-            VFIO_MIGRATION_STOP_COPY,
-            u64::from(uapi::VFIO_MIGRATION_STOP_COPY)
-        );
+        assert_eq!(VFIO_MIGRATION_STOP_COPY, u64::from(uapi::VFIO_MIGRATION_STOP_COPY));
         assert_eq!(VFIO_MIGRATION_P2P, u64::from(uapi::VFIO_MIGRATION_P2P));
-        assert_eq!(
-            VFIO_MIGRATION_PRE_COPY,
-            u64::from(uapi::VFIO_MIGRATION_PRE_COPY)
-        );
-        assert_eq!(
-            VFIO_PCI_CONFIG_REGION_INDEX,
-            uapi::VFIO_PCI_CONFIG_REGION_INDEX
-        );
+        assert_eq!(VFIO_MIGRATION_PRE_COPY, u64::from(uapi::VFIO_MIGRATION_PRE_COPY));
+        assert_eq!(VFIO_PCI_CONFIG_REGION_INDEX, uapi::VFIO_PCI_CONFIG_REGION_INDEX);
         assert_eq!(VFIO_PCI_NUM_REGIONS, uapi::VFIO_PCI_NUM_REGIONS);
         assert_eq!(VFIO_PCI_MSI_IRQ_INDEX, uapi::VFIO_PCI_MSI_IRQ_INDEX);
         assert_eq!(VFIO_PCI_NUM_IRQS, uapi::VFIO_PCI_NUM_IRQS);
@@ -531,29 +442,17 @@ mod tests {
         // Sizes and offsets from include/uapi/linux/vfio.h (x86-64).
         assert_eq!(size_of::<VfioIrqSet>(), 20);
         assert_eq!(size_of::<VfioIrqSet>(), size_of::<uapi::vfio_irq_set>());
-        assert_eq!(
-            offset_of!(VfioIrqSet, count),
-            offset_of!(uapi::vfio_irq_set, count)
-        );
+        assert_eq!(offset_of!(VfioIrqSet, count), offset_of!(uapi::vfio_irq_set, count));
         assert_eq!(offset_of!(VfioIrqSet, start), 12);
 
         assert_eq!(size_of::<VfioDeviceFeature>(), 8);
-        assert_eq!(
-            size_of::<VfioDeviceFeature>(),
-            size_of::<uapi::vfio_device_feature>()
-        );
+        assert_eq!(size_of::<VfioDeviceFeature>(), size_of::<uapi::vfio_device_feature>());
         assert_eq!(size_of::<VfioDeviceFeatureMigState>(), 8);
-        assert_eq!(
-            size_of::<VfioDeviceFeatureMigState>(),
-            size_of::<uapi::vfio_device_feature_mig_state>()
-        );
+        assert_eq!(size_of::<VfioDeviceFeatureMigState>(), size_of::<uapi::vfio_device_feature_mig_state>());
         assert_eq!(offset_of!(VfioDeviceFeatureMigState, data_fd), 4);
 
         assert_eq!(size_of::<VfioPrecopyInfoArg>(), 24);
-        assert_eq!(
-            size_of::<VfioPrecopyInfoArg>(),
-            size_of::<uapi::vfio_precopy_info>()
-        );
+        assert_eq!(size_of::<VfioPrecopyInfoArg>(), size_of::<uapi::vfio_precopy_info>());
         assert_eq!(offset_of!(VfioPrecopyInfoArg, initial_bytes), 8);
         assert_eq!(
             offset_of!(VfioPrecopyInfoArg, dirty_bytes),
@@ -570,20 +469,14 @@ mod tests {
         assert_eq!(a.len(), 28);
         let word = |i: usize| u32::from_ne_bytes(a[i * 4..i * 4 + 4].try_into().unwrap());
         assert_eq!(word(0), 28, "argsz covers header and fds");
-        assert_eq!(
-            word(1),
-            VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER
-        );
+        assert_eq!(word(1), VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER);
         assert_eq!((word(2), word(3), word(4)), (0, 0, 2));
         assert_eq!((word(5), word(6)), (7, 9));
 
         let off = irq_set_arg(1, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[]);
         assert_eq!(off.len(), 20);
         let word = |i: usize| u32::from_ne_bytes(off[i * 4..i * 4 + 4].try_into().unwrap());
-        assert_eq!(
-            word(1),
-            VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER
-        );
+        assert_eq!(word(1), VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER);
         assert_eq!(word(4), 0, "count 0 with DATA_NONE disables the index");
 
         let unmask = irq_set_arg(0, VFIO_IRQ_SET_ACTION_UNMASK, 0, &[]);
@@ -594,22 +487,11 @@ mod tests {
     fn opening_without_hardware_names_the_missing_path() {
         let p = sysfs_path(Some("0000:01:00.0"), None).unwrap();
         assert_eq!(p, Path::new("/sys/bus/pci/devices/0000:01:00.0"));
-        let e = KernelBackend::open(&p, false)
-            .err()
-            .expect("no VFIO hardware here");
+        let e = KernelBackend::open(&p, false).err().expect("no VFIO hardware here");
         let msg = e.to_string();
         assert!(msg.contains("/sys/bus/pci/devices/0000:01:00.0"), "{msg}");
-        for bad in [
-            "",
-            "01:00.0",
-            "0000:01:00",
-            "0000:zz:00.0",
-            "0000:01:00.0/../x",
-        ] {
-            assert!(
-                matches!(sysfs_path(Some(bad), None), Err(KernelError::BadAddress(_))),
-                "{bad}"
-            );
+        for bad in ["", "01:00.0", "0000:01:00", "0000:zz:00.0", "0000:01:00.0/../x"] {
+            assert!(matches!(sysfs_path(Some(bad), None), Err(KernelError::BadAddress(_))), "{bad}");
         }
         // A sysfs path that exists but has no IOMMU group.
         let dir = std::env::temp_dir();

@@ -25,25 +25,19 @@ impl Plugin for VfioPciPlugin {
     fn kinds() -> Vec<DeviceKind> {
         vec![DeviceKind {
             name: KIND.into(),
-            description: "PCI passthrough: kernel VFIO (host=DDDD:BB:DD.F) or a vendor driver plugin (driver=NAME)"
-                .into(),
+            description:
+                "PCI passthrough: kernel VFIO (host=DDDD:BB:DD.F) or a vendor driver plugin (driver=NAME)"
+                    .into(),
             // A vendor driver is the only device this machine has (no
             // IOMMU); the sample driver ships beside this plugin.
-            default_config: r#"{"driver": "vendor-sample", "driver-config": {"state-size": "2M"}, "intx-gsi": 10}"#
-                .into(),
+            default_config:
+                r#"{"driver": "vendor-sample", "driver-config": {"state-size": "2M"}, "intx-gsi": 10}"#.into(),
         }]
     }
 
-    fn create(
-        kind: &str,
-        id: &str,
-        config: &str,
-        host: Host,
-    ) -> Result<Box<dyn DeviceModel>, PluginError> {
+    fn create(kind: &str, id: &str, config: &str, host: Host) -> Result<Box<dyn DeviceModel>, PluginError> {
         if kind != KIND {
-            return Err(PluginError::unsupported(format!(
-                "vfio-pci plugin has no kind {kind:?}"
-            )));
+            return Err(PluginError::unsupported(format!("vfio-pci plugin has no kind {kind:?}")));
         }
         let config = config::VfioPciConfig::parse(config)?;
         Ok(Box::new(device::VfioPci::open(id, config, host)?))

@@ -18,9 +18,7 @@
 //! Section format: records of `flag:u64 len:u64 payload`, flags as QEMU's
 //! `VFIO_MIG_FLAG_*` delimiters.
 
-use dmhost_plugin_api::{
-    vfio::VFIO_MIGRATION_PRE_COPY, MigState, PendingSize, SaveChunk, VfioPrecopyInfo,
-};
+use dmhost_plugin_api::{vfio::VFIO_MIGRATION_PRE_COPY, MigState, PendingSize, SaveChunk, VfioPrecopyInfo};
 use thiserror::Error;
 
 use crate::backend::{BackendError, VfioBackend};
@@ -52,10 +50,7 @@ pub enum MigrationError {
 
 impl MigrationError {
     fn backend(what: impl Into<String>, source: BackendError) -> Self {
-        Self::Backend {
-            what: format!("{}: {source}", what.into()),
-            source,
-        }
+        Self::Backend { what: format!("{}: {source}", what.into()), source }
     }
 }
 
@@ -80,19 +75,9 @@ fn record(out: &mut Vec<u8>, flag: u64, payload: &[u8]) {
 impl Migration {
     pub fn new(backend: &dyn VfioBackend, allow_precopy: bool) -> Self {
         let flags = backend.migration_flags();
-        let state = if flags == 0 {
-            MigState::Running
-        } else {
-            backend.mig_state().unwrap_or(MigState::Running)
-        };
-        Self {
-            flags,
-            allow_precopy,
-            state,
-            saving: false,
-            precopy: Default::default(),
-            buf: Vec::new(),
-        }
+        let state =
+            if flags == 0 { MigState::Running } else { backend.mig_state().unwrap_or(MigState::Running) };
+        Self { flags, allow_precopy, state, saving: false, precopy: Default::default(), buf: Vec::new() }
     }
 
     pub fn state(&self) -> MigState {
@@ -129,10 +114,9 @@ impl Migration {
                 if now == MigState::Error {
                     match backend.reset() {
                         Ok(()) => self.state = backend.mig_state().unwrap_or(MigState::Error),
-                        Err(r) => log::error!(
-                            "vfio-pci: {} reset after ERROR failed: {r}",
-                            backend.describe()
-                        ),
+                        Err(r) => {
+                            log::error!("vfio-pci: {} reset after ERROR failed: {r}", backend.describe())
+                        }
                     }
                 }
                 Err(MigrationError::backend(format!("{from} -> {target}"), e))
@@ -167,16 +151,11 @@ impl Migration {
 
     pub fn pending_estimate(&self) -> PendingSize {
         let must = if self.precopy_state() {
-            self.precopy
-                .initial_bytes
-                .saturating_add(self.precopy.dirty_bytes)
+            self.precopy.initial_bytes.saturating_add(self.precopy.dirty_bytes)
         } else {
             0
         };
-        PendingSize {
-            must_precopy: must,
-            can_postcopy: 0,
-        }
+        PendingSize { must_precopy: must, can_postcopy: 0 }
     }
 
     pub fn pending_exact(&mut self, backend: &dyn VfioBackend) -> PendingSize {
@@ -189,10 +168,7 @@ impl Migration {
         });
         self.refresh_precopy(backend);
         let extra = self.pending_estimate().must_precopy;
-        PendingSize {
-            must_precopy: stop_copy.saturating_add(extra),
-            can_postcopy: 0,
-        }
+        PendingSize { must_precopy: stop_copy.saturating_add(extra), can_postcopy: 0 }
     }
 
     pub fn is_active_iterate(&self) -> bool {
@@ -202,10 +178,7 @@ impl Migration {
     /// One pre-copy block.
     pub fn save_iterate(&mut self, backend: &mut dyn VfioBackend) -> Result<SaveChunk> {
         if !self.is_active_iterate() {
-            return Ok(SaveChunk {
-                data: Default::default(),
-                complete: true,
-            });
+            return Ok(SaveChunk { data: Default::default(), complete: true });
         }
         if self.buf.len() != DATA_BUFFER_SIZE {
             self.buf = vec![0; DATA_BUFFER_SIZE];
@@ -227,10 +200,7 @@ impl Migration {
             self.precopy.dirty_bytes = self.precopy.dirty_bytes.saturating_sub(n - from_initial);
         }
         let complete = self.precopy.initial_bytes == 0 && self.precopy.dirty_bytes == 0;
-        Ok(SaveChunk {
-            data: out.into(),
-            complete,
-        })
+        Ok(SaveChunk { data: out.into(), complete })
     }
 
     pub fn vm_state_changed(&mut self, backend: &mut dyn VfioBackend, running: bool) -> Result<()> {
@@ -248,11 +218,7 @@ impl Migration {
     }
 
     /// The final section: the rest of the device data, then `config`.
-    pub fn save_complete(
-        &mut self,
-        backend: &mut dyn VfioBackend,
-        config: &[u8],
-    ) -> Result<Vec<u8>> {
+    pub fn save_complete(&mut self, backend: &mut dyn VfioBackend, config: &[u8]) -> Result<Vec<u8>> {
         if !self.supported() {
             return Err(MigrationError::NotSupported);
         }
@@ -279,10 +245,7 @@ impl Migration {
         }
         record(&mut out, FLAG_DEV_CONFIG_STATE, config);
         record(&mut out, FLAG_END_OF_STATE, &[]);
-        log::debug!(
-            "vfio-pci: {} stop-copy sent {total} bytes",
-            backend.describe()
-        );
+        log::debug!("vfio-pci: {} stop-copy sent {total} bytes", backend.describe());
         Ok(out)
     }
 
@@ -322,20 +285,14 @@ impl Migration {
         let mut config = None;
         while !data.is_empty() {
             if data.len() < 16 {
-                return Err(MigrationError::Stream(format!(
-                    "{} stray bytes",
-                    data.len()
-                )));
+                return Err(MigrationError::Stream(format!("{} stray bytes", data.len())));
             }
             let flag = u64::from_le_bytes(data[0..8].try_into().unwrap_or_default());
             let len = u64::from_le_bytes(data[8..16].try_into().unwrap_or_default());
             let body = data.get(16..).unwrap_or_default();
-            let len = usize::try_from(len)
-                .ok()
-                .filter(|&l| l <= body.len())
-                .ok_or_else(|| {
-                    MigrationError::Stream(format!("record of {len} bytes, {} left", body.len()))
-                })?;
+            let len = usize::try_from(len).ok().filter(|&l| l <= body.len()).ok_or_else(|| {
+                MigrationError::Stream(format!("record of {len} bytes, {} left", body.len()))
+            })?;
             let (payload, rest) = body.split_at(len);
             match flag {
                 FLAG_DEV_DATA_STATE => {

@@ -14,11 +14,7 @@ pub enum StateError {
     #[error("{0} is not a VFIO migration state")]
     Unknown(u32),
     #[error("{from} -> {to} is not allowed for migration flags {flags:#x}")]
-    NotAllowed {
-        from: MigState,
-        to: MigState,
-        flags: u64,
-    },
+    NotAllowed { from: MigState, to: MigState, flags: u64 },
 }
 
 /// Decode a uAPI state value.
@@ -56,12 +52,7 @@ mod tests {
 
     const SC: u64 = VFIO_MIGRATION_STOP_COPY;
     const ALL_FLAGS: u64 = SC | VFIO_MIGRATION_P2P | VFIO_MIGRATION_PRE_COPY;
-    const FLAG_SETS: [u64; 4] = [
-        SC,
-        SC | VFIO_MIGRATION_P2P,
-        SC | VFIO_MIGRATION_PRE_COPY,
-        ALL_FLAGS,
-    ];
+    const FLAG_SETS: [u64; 4] = [SC, SC | VFIO_MIGRATION_P2P, SC | VFIO_MIGRATION_PRE_COPY, ALL_FLAGS];
 
     /// The arcs a driver implements, from the comment above the kernel's
     /// `vfio_mig_get_next_state` (all optional features supported).
@@ -122,21 +113,14 @@ mod tests {
                         || !to.supported(flags)
                         || (from == StopCopy && matches!(to, PreCopy | PreCopyP2p));
                     if refused {
-                        assert!(
-                            r.is_err(),
-                            "{from} -> {to} flags {flags:#x} should be refused: {r:?}"
-                        );
+                        assert!(r.is_err(), "{from} -> {to} flags {flags:#x} should be refused: {r:?}");
                         continue;
                     }
-                    let steps =
-                        r.unwrap_or_else(|e| panic!("{from} -> {to} flags {flags:#x}: {e}"));
+                    let steps = r.unwrap_or_else(|e| panic!("{from} -> {to} flags {flags:#x}: {e}"));
                     assert_eq!(steps.last().copied().unwrap_or(from), to);
                     let mut cur = from;
                     for (i, &s) in steps.iter().enumerate() {
-                        assert!(
-                            is_arc(cur, s, flags),
-                            "{cur} -> {s} in {from} -> {to} ({flags:#x})"
-                        );
+                        assert!(is_arc(cur, s, flags), "{cur} -> {s} in {from} -> {to} ({flags:#x})");
                         assert!(s.supported(flags));
                         // Saving states are interior only within one session
                         // (PRE_COPY -> PRE_COPY_P2P -> STOP_COPY).
@@ -156,45 +140,22 @@ mod tests {
 
     #[test]
     fn known_combination_paths() {
-        assert_eq!(
-            path(Running, StopCopy, ALL_FLAGS).unwrap(),
-            [RunningP2p, Stop, StopCopy]
-        );
+        assert_eq!(path(Running, StopCopy, ALL_FLAGS).unwrap(), [RunningP2p, Stop, StopCopy]);
         assert_eq!(path(Running, StopCopy, SC).unwrap(), [Stop, StopCopy]);
-        assert_eq!(
-            path(PreCopy, StopCopy, ALL_FLAGS).unwrap(),
-            [PreCopyP2p, StopCopy]
-        );
-        assert_eq!(
-            path(Resuming, PreCopy, ALL_FLAGS).unwrap(),
-            [Stop, RunningP2p, Running, PreCopy]
-        );
-        assert_eq!(
-            path(StopCopy, Running, ALL_FLAGS).unwrap(),
-            [Stop, RunningP2p, Running]
-        );
+        assert_eq!(path(PreCopy, StopCopy, ALL_FLAGS).unwrap(), [PreCopyP2p, StopCopy]);
+        assert_eq!(path(Resuming, PreCopy, ALL_FLAGS).unwrap(), [Stop, RunningP2p, Running, PreCopy]);
+        assert_eq!(path(StopCopy, Running, ALL_FLAGS).unwrap(), [Stop, RunningP2p, Running]);
         assert!(path(StopCopy, PreCopy, ALL_FLAGS).is_err());
-        assert!(
-            path(Running, PreCopy, SC).is_err(),
-            "PRE_COPY needs the flag"
-        );
+        assert!(path(Running, PreCopy, SC).is_err(), "PRE_COPY needs the flag");
         assert_eq!(decode(9), Err(StateError::Unknown(9)));
     }
 
     #[test]
     fn sessions_open_on_the_uapi_arcs() {
-        let opening: Vec<_> = ARCS_ALL
-            .iter()
-            .filter(|(a, b)| arc_opens_stream(*a, *b))
-            .collect();
+        let opening: Vec<_> = ARCS_ALL.iter().filter(|(a, b)| arc_opens_stream(*a, *b)).collect();
         assert_eq!(
             opening,
-            [
-                &(Stop, Resuming),
-                &(Stop, StopCopy),
-                &(Running, PreCopy),
-                &(RunningP2p, PreCopyP2p)
-            ]
+            [&(Stop, Resuming), &(Stop, StopCopy), &(Running, PreCopy), &(RunningP2p, PreCopyP2p)]
         );
     }
 }

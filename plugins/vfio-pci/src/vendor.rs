@@ -4,8 +4,8 @@
 use std::os::fd::RawFd;
 
 use dmhost_plugin_api::{
-    MemoryRegion, MigState, RSlice, RSliceMut, VfioDataStream, VfioDeviceInfo, VfioDriverBox,
-    VfioIrqInfo, VfioPrecopyInfo, VfioRegionInfo,
+    MemoryRegion, MigState, RSlice, RSliceMut, VfioDataStream, VfioDeviceInfo, VfioDriverBox, VfioIrqInfo,
+    VfioPrecopyInfo, VfioRegionInfo,
 };
 
 use crate::{
@@ -23,17 +23,11 @@ pub struct VendorBackend {
 impl VendorBackend {
     pub fn new(name: &str, driver: VfioDriverBox) -> Self {
         let info = driver.device_info();
-        Self {
-            name: name.to_owned(),
-            driver,
-            info,
-            stream: None,
-        }
+        Self { name: name.to_owned(), driver, info, stream: None }
     }
 
     fn stream(&self) -> BackendResult<VfioDataStream> {
-        self.stream
-            .ok_or_else(|| BackendError::Invalid("no migration data session is open".into()))
+        self.stream.ok_or_else(|| BackendError::Invalid("no migration data session is open".into()))
     }
 }
 
@@ -48,16 +42,10 @@ impl VfioBackend for VendorBackend {
         Ok(self.driver.region_info(index).into_result()?)
     }
     fn region_read(&self, index: u32, offset: u64, data: &mut [u8]) -> BackendResult<()> {
-        Ok(self
-            .driver
-            .region_read(index, offset, RSliceMut::from(data))
-            .into_result()?)
+        Ok(self.driver.region_read(index, offset, RSliceMut::from(data)).into_result()?)
     }
     fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> BackendResult<()> {
-        Ok(self
-            .driver
-            .region_write(index, offset, RSlice::from(data))
-            .into_result()?)
+        Ok(self.driver.region_write(index, offset, RSlice::from(data)).into_result()?)
     }
     fn region_mmap(&self, index: u32) -> BackendResult<Option<MemoryRegion>> {
         Ok(self.driver.region_mmap(index).into_result()?.into_option())
@@ -66,10 +54,7 @@ impl VfioBackend for VendorBackend {
         Ok(self.driver.irq_info(index).into_result()?)
     }
     fn set_irqs(&self, index: u32, action: u32, start: u32, fds: &[RawFd]) -> BackendResult<()> {
-        Ok(self
-            .driver
-            .set_irqs(index, action, start, RSlice::from(fds))
-            .into_result()?)
+        Ok(self.driver.set_irqs(index, action, start, RSlice::from(fds)).into_result()?)
     }
     fn reset(&self) -> BackendResult<()> {
         self.driver.reset().into_result()?;
@@ -86,9 +71,8 @@ impl VfioBackend for VendorBackend {
         // Walk the arcs one at a time, as the VFIO core does for a kernel
         // driver (vfio_mig_get_next_state).
         while cur != target {
-            let next = next_state(cur, target, flags).ok_or_else(|| {
-                BackendError::Invalid(format!("{cur} -> {target} is not allowed"))
-            })?;
+            let next = next_state(cur, target, flags)
+                .ok_or_else(|| BackendError::Invalid(format!("{cur} -> {target} is not allowed")))?;
             match self.driver.set_state(next.raw()).into_result() {
                 Ok(opened) => {
                     if let Some(s) = opened.into_option() {
@@ -117,10 +101,7 @@ impl VfioBackend for VendorBackend {
     }
     fn read_mig_data(&mut self, buf: &mut [u8]) -> BackendResult<usize> {
         let len = buf.len();
-        let n = self
-            .driver
-            .read_migration_data(self.stream()?, RSliceMut::from(buf))
-            .into_result()?;
+        let n = self.driver.read_migration_data(self.stream()?, RSliceMut::from(buf)).into_result()?;
         usize::try_from(n)
             .ok()
             .filter(|&n| n <= len)
@@ -129,16 +110,10 @@ impl VfioBackend for VendorBackend {
     fn write_mig_data(&mut self, mut data: &[u8]) -> BackendResult<()> {
         let stream = self.stream()?;
         while !data.is_empty() {
-            let n = self
-                .driver
-                .write_migration_data(stream, RSlice::from(data))
-                .into_result()?;
+            let n = self.driver.write_migration_data(stream, RSlice::from(data)).into_result()?;
             let n = usize::try_from(n).unwrap_or(usize::MAX);
             if n == 0 || n > data.len() {
-                return Err(BackendError::Io(format!(
-                    "driver consumed {n} of {} bytes",
-                    data.len()
-                )));
+                return Err(BackendError::Io(format!("driver consumed {n} of {} bytes", data.len())));
             }
             data = &data[n..];
         }

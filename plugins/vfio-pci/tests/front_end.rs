@@ -11,12 +11,12 @@ use abi_suite::suite_host::{SuiteHost, SUITE_REGION_GPA};
 use dmhost_plugin_api::{
     backend::MemoryBackend,
     vfio::{
-        is_arc, VFIO_DEVICE_FLAGS_PCI, VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY,
-        VFIO_MIGRATION_STOP_COPY, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSI_IRQ_INDEX,
-        VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+        is_arc, VFIO_DEVICE_FLAGS_PCI, VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY,
+        VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSI_IRQ_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
+        VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
     },
-    DeviceModel, IoSpace, MemoryRegion, MigState, PlugInfo, VfioDeviceInfo, VfioIrqInfo,
-    VfioPrecopyInfo, VfioRegionInfo,
+    DeviceModel, IoSpace, MemoryRegion, MigState, PlugInfo, VfioDeviceInfo, VfioIrqInfo, VfioPrecopyInfo,
+    VfioRegionInfo,
 };
 use vfio_pci::{
     backend::{BackendError, BackendResult, VfioBackend},
@@ -51,19 +51,9 @@ impl Mock {
         c[0x34] = 0x40;
         c[0x3d] = 1;
         c[0x40] = 0x05; // MSI, 32-bit, 1 vector
-        let f = Arc::new(Mutex::new(Faults {
-            state: Some(MigState::Running),
-            ..Default::default()
-        }));
+        let f = Arc::new(Mutex::new(Faults { state: Some(MigState::Running), ..Default::default() }));
         let bar2 = MemoryBackend::memfd("bar2", 64 << 10).unwrap();
-        (
-            Self {
-                config: c,
-                bar2,
-                f: f.clone(),
-            },
-            f,
-        )
+        (Self { config: c, bar2, f: f.clone() }, f)
     }
 }
 
@@ -72,36 +62,15 @@ impl VfioBackend for Mock {
         "mock".into()
     }
     fn device_info(&self) -> VfioDeviceInfo {
-        VfioDeviceInfo {
-            flags: VFIO_DEVICE_FLAGS_PCI,
-            num_regions: 9,
-            num_irqs: 5,
-            migration_flags: FLAGS,
-        }
+        VfioDeviceInfo { flags: VFIO_DEVICE_FLAGS_PCI, num_regions: 9, num_irqs: 5, migration_flags: FLAGS }
     }
     fn region_info(&self, index: u32) -> BackendResult<VfioRegionInfo> {
         let rw = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
         Ok(match index {
-            0 => VfioRegionInfo {
-                index,
-                flags: rw,
-                size: 4096,
-            },
-            2 => VfioRegionInfo {
-                index,
-                flags: rw | VFIO_REGION_INFO_FLAG_MMAP,
-                size: 64 << 10,
-            },
-            7 => VfioRegionInfo {
-                index,
-                flags: rw,
-                size: 256,
-            },
-            _ => VfioRegionInfo {
-                index,
-                flags: 0,
-                size: 0,
-            },
+            0 => VfioRegionInfo { index, flags: rw, size: 4096 },
+            2 => VfioRegionInfo { index, flags: rw | VFIO_REGION_INFO_FLAG_MMAP, size: 64 << 10 },
+            7 => VfioRegionInfo { index, flags: rw, size: 256 },
+            _ => VfioRegionInfo { index, flags: 0, size: 0 },
         })
     }
     fn region_read(&self, index: u32, offset: u64, data: &mut [u8]) -> BackendResult<()> {
@@ -121,18 +90,10 @@ impl VfioBackend for Mock {
         Ok((index == 2).then(|| self.bar2.whole()))
     }
     fn irq_info(&self, index: u32) -> BackendResult<VfioIrqInfo> {
-        Ok(VfioIrqInfo {
-            index,
-            flags: 1,
-            count: u32::from(index <= 1),
-        })
+        Ok(VfioIrqInfo { index, flags: 1, count: u32::from(index <= 1) })
     }
     fn set_irqs(&self, index: u32, action: u32, _: u32, fds: &[RawFd]) -> BackendResult<()> {
-        self.f
-            .lock()
-            .unwrap()
-            .set_irqs
-            .push((index, action, fds.len()));
+        self.f.lock().unwrap().set_irqs.push((index, action, fds.len()));
         Ok(())
     }
     fn reset(&self) -> BackendResult<()> {
@@ -147,8 +108,8 @@ impl VfioBackend for Mock {
     fn set_mig_state(&mut self, target: MigState) -> BackendResult<()> {
         let mut f = self.f.lock().unwrap();
         let cur = f.state.unwrap_or(MigState::Error);
-        let path = vfio_pci::state::path(cur, target, FLAGS)
-            .map_err(|e| BackendError::Invalid(e.to_string()))?;
+        let path =
+            vfio_pci::state::path(cur, target, FLAGS).map_err(|e| BackendError::Invalid(e.to_string()))?;
         for s in path {
             assert!(is_arc(f.state.unwrap(), s, FLAGS));
             if f.fail_to == Some(s) {
@@ -169,24 +130,14 @@ impl VfioBackend for Mock {
         Ok(5000)
     }
     fn precopy_info(&self) -> BackendResult<VfioPrecopyInfo> {
-        Ok(VfioPrecopyInfo {
-            initial_bytes: self.f.lock().unwrap().precopy_left as u64,
-            dirty_bytes: 0,
-        })
+        Ok(VfioPrecopyInfo { initial_bytes: self.f.lock().unwrap().precopy_left as u64, dirty_bytes: 0 })
     }
     fn read_mig_data(&mut self, buf: &mut [u8]) -> BackendResult<usize> {
         let mut f = self.f.lock().unwrap();
-        let left = if f.state == Some(MigState::StopCopy) {
-            &mut f.stop_copy_left
-        } else {
-            &mut f.precopy_left
-        };
+        let left =
+            if f.state == Some(MigState::StopCopy) { &mut f.stop_copy_left } else { &mut f.precopy_left };
         if *left == 0 {
-            return if f.state == Some(MigState::StopCopy) {
-                Ok(0)
-            } else {
-                Err(BackendError::NoData)
-            };
+            return if f.state == Some(MigState::StopCopy) { Ok(0) } else { Err(BackendError::NoData) };
         }
         let n = (*left).min(buf.len()).min(1000);
         *left -= n;
@@ -212,26 +163,14 @@ fn cfg_write(d: &mut VfioPci, off: u32, v: u32) {
 #[test]
 fn direct_bar_maps_relocates_and_falls_back_to_trapping() {
     let (mut d, host, _) = front_end();
-    let region = d
-        .memory_region()
-        .expect("mmap-able BAR2 is the guest region");
+    let region = d.memory_region().expect("mmap-able BAR2 is the guest region");
     assert_eq!(region.memory.size, 64 << 10);
-    assert!(
-        d.backend_memory().is_none(),
-        "device memory migrates in the VFIO stream"
-    );
+    assert!(d.backend_memory().is_none(), "device memory migrates in the VFIO stream");
     host.state.lock().unwrap().owned = Some((SUITE_REGION_GPA, 64 << 10));
-    d.plug(PlugInfo {
-        region_gpa: Some(SUITE_REGION_GPA).into(),
-    })
-    .unwrap();
+    d.plug(PlugInfo { region_gpa: Some(SUITE_REGION_GPA).into() }).unwrap();
     let mut b = [0u8; 8];
     d.pci_config_read(0x18, &mut b).unwrap();
-    assert_eq!(
-        u64::from_le_bytes(b),
-        SUITE_REGION_GPA | 0xc,
-        "BAR2 placed where the host mapped it"
-    );
+    assert_eq!(u64::from_le_bytes(b), SUITE_REGION_GPA | 0xc, "BAR2 placed where the host mapped it");
     assert!(d.bar_mappings().iter().any(|m| m.index == 2 && m.direct));
 
     // BAR0 (trapped) at 0xd000_0000 once decode is on.
@@ -247,12 +186,7 @@ fn direct_bar_maps_relocates_and_falls_back_to_trapping() {
     cfg_write(&mut d, 0x18, 0xe000_0000);
     let m = *d.bar_mappings().iter().find(|m| m.index == 2).unwrap();
     assert!(!m.direct && m.gpa == 0xe000_0000, "{m:?}");
-    assert!(host
-        .state
-        .lock()
-        .unwrap()
-        .io
-        .contains(&(IoSpace::Mmio, 0xe000_0000, 64 << 10)));
+    assert!(host.state.lock().unwrap().io.contains(&(IoSpace::Mmio, 0xe000_0000, 64 << 10)));
     assert_eq!(host.state.lock().unwrap().physmap_denied, 1);
     d.mmio_read(0xe000_0100, &mut data).unwrap();
     assert_eq!(data, [0x5a; 4], "trapped BAR2 access goes to the region");
@@ -262,10 +196,7 @@ fn direct_bar_maps_relocates_and_falls_back_to_trapping() {
     assert!(d.bar_mappings().iter().any(|m| m.index == 2 && m.direct));
     // Sizing with decode on does not move anything.
     cfg_write(&mut d, 0x10, 0xffff_ffff);
-    assert!(
-        !d.bar_mappings().iter().any(|m| m.index == 0),
-        "BAR0 unmapped while sized"
-    );
+    assert!(!d.bar_mappings().iter().any(|m| m.index == 0), "BAR0 unmapped while sized");
     d.unplug().unwrap();
     let left = host.state.lock().unwrap().leftovers();
     assert!(left.is_empty(), "{left:?}");
@@ -274,18 +205,11 @@ fn direct_bar_maps_relocates_and_falls_back_to_trapping() {
 #[test]
 fn msi_enable_creates_routed_vectors() {
     let (mut d, host, f) = front_end();
-    d.plug(PlugInfo {
-        region_gpa: None.into(),
-    })
-    .unwrap();
+    d.plug(PlugInfo { region_gpa: None.into() }).unwrap();
     cfg_write(&mut d, 0x44, 0xfee0_0000);
     d.pci_config_write(0x48, &0x41u16.to_le_bytes()).unwrap();
     d.pci_config_write(0x42, &[1]).unwrap();
-    assert!(f
-        .lock()
-        .unwrap()
-        .set_irqs
-        .contains(&(VFIO_PCI_MSI_IRQ_INDEX, 1 << 5, 1)));
+    assert!(f.lock().unwrap().set_irqs.contains(&(VFIO_PCI_MSI_IRQ_INDEX, 1 << 5, 1)));
     let msi: Vec<_> = host.state.lock().unwrap().msi.values().copied().collect();
     assert_eq!(msi, [(0xfee0_0000, 0x41)]);
     cfg_write(&mut d, 0x44, 0xfee0_1000); // retarget while enabled
@@ -293,10 +217,7 @@ fn msi_enable_creates_routed_vectors() {
     assert_eq!(msi, [(0xfee0_1000, 0x41)]);
     d.pci_config_write(0x42, &[0]).unwrap();
     assert!(host.state.lock().unwrap().msi.is_empty());
-    assert_eq!(
-        f.lock().unwrap().set_irqs.last(),
-        Some(&(VFIO_PCI_MSI_IRQ_INDEX, 1 << 5, 0))
-    );
+    assert_eq!(f.lock().unwrap().set_irqs.last(), Some(&(VFIO_PCI_MSI_IRQ_INDEX, 1 << 5, 0)));
 }
 
 #[test]
@@ -305,11 +226,7 @@ fn precopy_iterates_until_enomsg_then_stop_copy_drains() {
     d.save_setup().unwrap();
     assert_eq!(d.migration_state(), MigState::PreCopy);
     assert_eq!(d.state_pending_estimate().must_precopy, 3000);
-    assert_eq!(
-        d.state_pending_exact().must_precopy,
-        8000,
-        "stop-copy size + pre-copy info"
-    );
+    assert_eq!(d.state_pending_exact().must_precopy, 8000, "stop-copy size + pre-copy info");
     let mut chunks = 0;
     while d.is_active_iterate() {
         let c = d.save_live_iterate().unwrap();
@@ -321,11 +238,7 @@ fn precopy_iterates_until_enomsg_then_stop_copy_drains() {
     assert_eq!(chunks, 3, "1000-byte reads of 3000 initial bytes");
     let c = d.save_live_iterate().unwrap();
     assert!(c.data.is_empty() && c.complete, "ENOMSG: nothing for now");
-    assert_eq!(
-        d.state_pending_estimate().must_precopy,
-        0,
-        "never underflows"
-    );
+    assert_eq!(d.state_pending_estimate().must_precopy, 0, "never underflows");
     d.vm_state_changed(false).unwrap();
     assert_eq!(d.migration_state(), MigState::StopCopy);
     let last = d.save_live_complete_precopy().unwrap();
@@ -363,9 +276,7 @@ fn failed_transition_to_error_resets_and_fails_cleanly() {
     for junk in [
         &[1u8, 2, 3][..],
         &[0xff; 16],
-        &[
-            4, 0, 16, 239, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 127,
-        ],
+        &[4, 0, 16, 239, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 255, 127],
     ] {
         assert!(d.load_state(1, junk).is_err(), "{junk:?}");
     }

@@ -51,8 +51,9 @@ impl SampleConfig {
         let state_size = match raw.state_size {
             None => 64 << 20,
             Some(Size::Bytes(n)) => n,
-            Some(Size::Text(s)) => parse_size(&s)
-                .map_err(|e| PluginError::config(format!("{DRIVER_NAME} state-size: {e}")))?,
+            Some(Size::Text(s)) => {
+                parse_size(&s).map_err(|e| PluginError::config(format!("{DRIVER_NAME} state-size: {e}")))?
+            }
         };
         if state_size == 0 || state_size % PAGE_SIZE as u64 != 0 || state_size > MAX_STATE_SIZE {
             return Err(PluginError::config(format!(

@@ -32,11 +32,10 @@ use std::{
 use dmhost_plugin_api::{
     vfio::{
         errno, is_arc, VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_INFO_AUTOMASKED,
-        VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_MASKABLE, VFIO_IRQ_INFO_NORESIZE,
-        VFIO_IRQ_SET_ACTION_MASK, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK,
-        VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY,
-        VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX,
-        VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_READ,
+        VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_MASKABLE, VFIO_IRQ_INFO_NORESIZE, VFIO_IRQ_SET_ACTION_MASK,
+        VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK, VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY,
+        VFIO_MIGRATION_STOP_COPY, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX,
+        VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_READ,
         VFIO_REGION_INFO_FLAG_WRITE,
     },
     MigState, VfioDataStream, VfioDeviceInfo, VfioDriver, VfioError, VfioIrqInfo, VfioPrecopyInfo,
@@ -220,19 +219,13 @@ pub struct SampleDevice {
 
 fn dup_fd(fd: i32) -> Result<OwnedFd, VfioError> {
     if fd < 0 {
-        return Err(VfioError::new(
-            errno::EBADF,
-            format!("fd {fd} is not a descriptor"),
-        ));
+        return Err(VfioError::new(errno::EBADF, format!("fd {fd} is not a descriptor")));
     }
     // SAFETY: F_DUPFD_CLOEXEC on a caller-provided descriptor; the kernel
     // checks it and returns a new descriptor we own, or -1.
     let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
     if new < 0 {
-        return Err(VfioError::new(
-            errno::EBADF,
-            format!("fd {fd}: {}", std::io::Error::last_os_error()),
-        ));
+        return Err(VfioError::new(errno::EBADF, format!("fd {fd}: {}", std::io::Error::last_os_error())));
     }
     // SAFETY: `new` is a fresh descriptor nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
@@ -243,20 +236,13 @@ fn signal(fd: &OwnedFd) {
     // SAFETY: writes 8 bytes from a live buffer to an eventfd we own.
     let r = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
     if r != 8 {
-        log::warn!(
-            "vendor-sample: interrupt eventfd write failed: {}",
-            std::io::Error::last_os_error()
-        );
+        log::warn!("vendor-sample: interrupt eventfd write failed: {}", std::io::Error::last_os_error());
     }
 }
 
 /// Consume a pending count on an eventfd without blocking.
 fn poll_eventfd(fd: &OwnedFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
+    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
     // SAFETY: one valid pollfd, zero timeout.
     let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
     if ready <= 0 || pfd.revents & libc::POLLIN == 0 {
@@ -327,11 +313,7 @@ impl Inner {
             REG_PAGE_SELECT => self.regs.page_select,
             REG_PAGE_GEN | 0x2c => {
                 let i = self.regs.page_select as usize;
-                let g = if i < self.pages.count() {
-                    self.pages.generation(i)
-                } else {
-                    u64::MAX
-                };
+                let g = if i < self.pages.count() { self.pages.generation(i) } else { u64::MAX };
                 if off == REG_PAGE_GEN {
                     lo(g)
                 } else {
@@ -381,10 +363,7 @@ impl Inner {
     }
 
     fn stream_mismatch(&self, stream: VfioDataStream) -> VfioError {
-        VfioError::bad_stream(format!(
-            "no open migration session {} in state {}",
-            stream.id, self.state
-        ))
+        VfioError::bad_stream(format!("no open migration session {} in state {}", stream.id, self.state))
     }
 }
 
@@ -421,10 +400,7 @@ impl SampleDevice {
                 .map_err(|e| log::warn!("vendor-sample: no background thread: {e}"))
                 .ok()
         });
-        Self {
-            shared,
-            thread: thread.flatten(),
-        }
+        Self { shared, thread: thread.flatten() }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -466,9 +442,10 @@ impl SampleDevice {
                 let session = std::mem::replace(&mut g.session, Session::None);
                 if let Session::Resume(r) = session {
                     if r.received() > 0 {
-                        let applied = r.finish(&g.pages).map_err(|e| e.to_string()).and_then(|b| {
-                            Regs::decode(&b).ok_or_else(|| "bad register block".to_owned())
-                        });
+                        let applied = r
+                            .finish(&g.pages)
+                            .map_err(|e| e.to_string())
+                            .and_then(|b| Regs::decode(&b).ok_or_else(|| "bad register block".to_owned()));
                         match applied {
                             Ok(regs) => {
                                 g.regs = regs;
@@ -586,9 +563,7 @@ impl VfioDriver for SampleDevice {
                 data.copy_from_slice(&g.regs.config[o..o + data.len()]);
                 Ok(())
             }
-            _ => Err(VfioError::invalid(format!(
-                "region {index} is not readable"
-            ))),
+            _ => Err(VfioError::invalid(format!("region {index} is not readable"))),
         }
     }
 
@@ -599,15 +574,9 @@ impl VfioDriver for SampleDevice {
                 Inner::check_range(index, BAR0_SIZE, offset, data.len())?;
                 if !matches!(
                     g.state,
-                    MigState::Running
-                        | MigState::PreCopy
-                        | MigState::RunningP2p
-                        | MigState::PreCopyP2p
+                    MigState::Running | MigState::PreCopy | MigState::RunningP2p | MigState::PreCopyP2p
                 ) {
-                    return Err(VfioError::io(format!(
-                        "device is in {}: BAR writes refused",
-                        g.state
-                    )));
+                    return Err(VfioError::io(format!("device is in {}: BAR writes refused", g.state)));
                 }
                 if !offset.is_multiple_of(4) || !data.len().is_multiple_of(4) {
                     return Err(VfioError::invalid(format!(
@@ -630,35 +599,26 @@ impl VfioDriver for SampleDevice {
                 }
                 Ok(())
             }
-            _ => Err(VfioError::invalid(format!(
-                "region {index} is not writable"
-            ))),
+            _ => Err(VfioError::invalid(format!("region {index} is not writable"))),
         }
     }
 
     fn irq_info(&self, index: u32) -> Result<VfioIrqInfo, VfioError> {
         let (flags, count) = match index {
-            VFIO_PCI_INTX_IRQ_INDEX => (
-                VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_AUTOMASKED,
-                1,
-            ),
+            VFIO_PCI_INTX_IRQ_INDEX => {
+                (VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_AUTOMASKED, 1)
+            }
             VFIO_PCI_MSI_IRQ_INDEX => (VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_NORESIZE, 1),
             i if i < VFIO_PCI_NUM_IRQS => (0, 0),
             _ => return Err(VfioError::invalid(format!("no irq index {index}"))),
         };
-        Ok(VfioIrqInfo {
-            index,
-            flags,
-            count,
-        })
+        Ok(VfioIrqInfo { index, flags, count })
     }
 
     fn set_irqs(&self, index: u32, action: u32, start: u32, fds: &[i32]) -> Result<(), VfioError> {
         let count = self.irq_info(index)?.count;
         if count == 0 {
-            return Err(VfioError::invalid(format!(
-                "irq index {index} has no vectors"
-            )));
+            return Err(VfioError::invalid(format!("irq index {index} has no vectors")));
         }
         if u64::from(start) + fds.len() as u64 > u64::from(count) {
             return Err(VfioError::invalid(format!(
@@ -702,10 +662,7 @@ impl VfioDriver for SampleDevice {
         g.session = Session::None;
         g.state = MigState::Running;
         let generation = g.regs.generation;
-        g.regs = Regs {
-            generation,
-            ..Regs::new()
-        };
+        g.regs = Regs { generation, ..Regs::new() };
         g.irqs.intx_masked = false;
         log::info!("vendor-sample: reset");
         Ok(())
@@ -717,9 +674,7 @@ impl VfioDriver for SampleDevice {
         let mut g = self.lock();
         let from = g.state;
         if !is_arc(from, to, self.shared.migration_flags) {
-            return Err(VfioError::invalid(format!(
-                "{from} -> {to} is not an arc of this device"
-            )));
+            return Err(VfioError::invalid(format!("{from} -> {to} is not an arc of this device")));
         }
         let r = self.arc(&mut g, to);
         log::debug!("vendor-sample: {from} -> {to}: {r:?}");
@@ -741,40 +696,28 @@ impl VfioDriver for SampleDevice {
     fn precopy_info(&self, stream: VfioDataStream) -> Result<VfioPrecopyInfo, VfioError> {
         let g = self.lock();
         if !matches!(g.state, MigState::PreCopy | MigState::PreCopyP2p) {
-            return Err(VfioError::invalid(format!(
-                "precopy info in state {}",
-                g.state
-            )));
+            return Err(VfioError::invalid(format!("precopy info in state {}", g.state)));
         }
         match &g.session {
             Session::Save(s) if s.id == stream.id => {
                 let (initial_bytes, dirty_bytes) = s.precopy_info();
-                Ok(VfioPrecopyInfo {
-                    initial_bytes,
-                    dirty_bytes,
-                })
+                Ok(VfioPrecopyInfo { initial_bytes, dirty_bytes })
             }
             _ => Err(g.stream_mismatch(stream)),
         }
     }
 
-    fn read_migration_data(
-        &self,
-        stream: VfioDataStream,
-        buf: &mut [u8],
-    ) -> Result<usize, VfioError> {
+    fn read_migration_data(&self, stream: VfioDataStream, buf: &mut [u8]) -> Result<usize, VfioError> {
         let mut g = self.lock();
         let stop_copy = g.state == MigState::StopCopy;
         let inner = &mut *g;
         let (pages, regs) = (&inner.pages, &inner.regs);
         match &mut inner.session {
-            Session::Save(s) if s.id == stream.id => {
-                match s.read(buf, pages, stop_copy, || regs.encode()) {
-                    ReadOutcome::Data(n) => Ok(n),
-                    ReadOutcome::End => Ok(0),
-                    ReadOutcome::NothingNow => Err(VfioError::no_data()),
-                }
-            }
+            Session::Save(s) if s.id == stream.id => match s.read(buf, pages, stop_copy, || regs.encode()) {
+                ReadOutcome::Data(n) => Ok(n),
+                ReadOutcome::End => Ok(0),
+                ReadOutcome::NothingNow => Err(VfioError::no_data()),
+            },
             _ => Err(inner.stream_mismatch(stream)),
         }
     }
@@ -783,9 +726,9 @@ impl VfioDriver for SampleDevice {
         let mut g = self.lock();
         let inner = &mut *g;
         match &mut inner.session {
-            Session::Resume(r) if r.id == stream.id && inner.state == MigState::Resuming => r
-                .write(buf, &mut inner.pages)
-                .map_err(|e| VfioError::invalid(format!("migration data: {e}"))),
+            Session::Resume(r) if r.id == stream.id && inner.state == MigState::Resuming => {
+                r.write(buf, &mut inner.pages).map_err(|e| VfioError::invalid(format!("migration data: {e}")))
+            }
             _ => Err(inner.stream_mismatch(stream)),
         }
     }

@@ -49,15 +49,9 @@ impl Plugin for VendorSamplePlugin {
         }]
     }
 
-    fn open_vfio_driver(
-        name: &str,
-        config: &str,
-        _host: Host,
-    ) -> Result<Box<dyn VfioDriver>, PluginError> {
+    fn open_vfio_driver(name: &str, config: &str, _host: Host) -> Result<Box<dyn VfioDriver>, PluginError> {
         if name != DRIVER_NAME {
-            return Err(PluginError::unsupported(format!(
-                "vfio-vendor-sample has no driver {name:?}"
-            )));
+            return Err(PluginError::unsupported(format!("vfio-vendor-sample has no driver {name:?}")));
         }
         let config = config::SampleConfig::parse(config)?;
         log::info!("vendor-sample: open, {} state pages", config.pages());

@@ -17,11 +17,7 @@ pub enum PageError {
     #[error("page {index}: bad magic {magic:#x}")]
     BadMagic { index: u64, magic: u32 },
     #[error("page {index}: checksum {found:#x} does not match its content ({expected:#x})")]
-    BadChecksum {
-        index: u64,
-        found: u32,
-        expected: u32,
-    },
+    BadChecksum { index: u64, found: u32, expected: u32 },
     #[error("page record for slot {slot} carries index {index}")]
     WrongIndex { slot: u64, index: u64 },
 }
@@ -73,11 +69,7 @@ pub fn verify_page(page: &[u8], slot: u64) -> Result<(), PageError> {
     }
     let expected = crc32c::crc32c(&page[..CRC_AT]);
     if crc != expected {
-        return Err(PageError::BadChecksum {
-            index,
-            found: crc,
-            expected,
-        });
+        return Err(PageError::BadChecksum { index, found: crc, expected });
     }
     if index != slot {
         return Err(PageError::WrongIndex { slot, index });
@@ -119,21 +111,15 @@ impl Pages {
     /// Advance page `i` to its next generation.
     pub fn bump(&mut self, i: usize) {
         let gen = self.generation(i).wrapping_add(1);
-        fill_page(
-            &mut self.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE],
-            i as u64,
-            gen,
-        );
+        fill_page(&mut self.data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE], i as u64, gen);
     }
 
     /// A digest over every page's (index, generation, crc).
     pub fn digest(&self) -> u64 {
-        self.data
-            .chunks_exact(PAGE_SIZE)
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, p| {
-                let (index, gen, crc) = page_header(p);
-                splitmix(h ^ index ^ gen.rotate_left(17) ^ (u64::from(crc) << 24))
-            })
+        self.data.chunks_exact(PAGE_SIZE).fold(0xcbf2_9ce4_8422_2325u64, |h, p| {
+            let (index, gen, crc) = page_header(p);
+            splitmix(h ^ index ^ gen.rotate_left(17) ^ (u64::from(crc) << 24))
+        })
     }
 
     pub fn bytes(&self) -> &[u8] {
@@ -151,11 +137,7 @@ pub struct BitSet {
 
 impl BitSet {
     pub fn new(len: usize) -> Self {
-        Self {
-            words: vec![0; len.div_ceil(64)],
-            len,
-            ones: 0,
-        }
+        Self { words: vec![0; len.div_ceil(64)], len, ones: 0 }
     }
     pub fn full(len: usize) -> Self {
         let mut s = Self::new(len);
@@ -220,14 +202,8 @@ mod tests {
         assert_ne!(p.digest(), d0);
         let mut bad = p.page(1).to_vec();
         bad[100] ^= 1;
-        assert!(matches!(
-            verify_page(&bad, 1),
-            Err(PageError::BadChecksum { .. })
-        ));
-        assert!(matches!(
-            verify_page(p.page(1), 3),
-            Err(PageError::WrongIndex { .. })
-        ));
+        assert!(matches!(verify_page(&bad, 1), Err(PageError::BadChecksum { .. })));
+        assert!(matches!(verify_page(p.page(1), 3), Err(PageError::WrongIndex { .. })));
     }
 
     #[test]

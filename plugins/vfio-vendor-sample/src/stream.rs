@@ -36,14 +36,8 @@ pub enum StreamError {
     BadMagic([u8; 4]),
     #[error("stream version {0} is not supported (this driver reads {STREAM_VERSION})")]
     BadVersion(u32),
-    #[error(
-        "stream is for {theirs} pages of {page_size} bytes, this device has {ours} pages of 4096"
-    )]
-    Geometry {
-        theirs: u64,
-        page_size: u32,
-        ours: u64,
-    },
+    #[error("stream is for {theirs} pages of {page_size} bytes, this device has {ours} pages of 4096")]
+    Geometry { theirs: u64, page_size: u32, ours: u64 },
     #[error("record tag {tag} with length {len} is not valid")]
     BadRecord { tag: u32, len: u32 },
     #[error("page record {slot} is beyond the {count} pages")]
@@ -52,9 +46,7 @@ pub enum StreamError {
     Page(#[from] PageError),
     #[error("data after the end record")]
     AfterEnd,
-    #[error(
-        "end record says {pages} pages, digest {digest:#x}; loaded state has digest {ours:#x}"
-    )]
+    #[error("end record says {pages} pages, digest {digest:#x}; loaded state has digest {ours:#x}")]
     DigestMismatch { pages: u64, digest: u64, ours: u64 },
     #[error("stream ended before its end record ({0} bytes received)")]
     Incomplete(u64),
@@ -148,16 +140,10 @@ impl SaveSession {
 
     /// (initial_bytes, dirty_bytes), as `VFIO_MIG_GET_PRECOPY_INFO` reports.
     pub fn precopy_info(&self) -> (u64, u64) {
-        let header = if self.header_pending {
-            HEADER_LEN as u64
-        } else {
-            0
-        };
-        let initial = header
-            + self.initial.count() as u64 * PAGE_RECORD_LEN as u64
-            + self.out_left(Origin::Initial);
-        let dirty =
-            self.dirty.count() as u64 * PAGE_RECORD_LEN as u64 + self.out_left(Origin::Dirty);
+        let header = if self.header_pending { HEADER_LEN as u64 } else { 0 };
+        let initial =
+            header + self.initial.count() as u64 * PAGE_RECORD_LEN as u64 + self.out_left(Origin::Initial);
+        let dirty = self.dirty.count() as u64 * PAGE_RECORD_LEN as u64 + self.out_left(Origin::Dirty);
         (initial, dirty)
     }
 
@@ -185,8 +171,7 @@ impl SaveSession {
         while written < buf.len() {
             if self.out_pos < self.out.len() {
                 let n = (self.out.len() - self.out_pos).min(buf.len() - written);
-                buf[written..written + n]
-                    .copy_from_slice(&self.out[self.out_pos..self.out_pos + n]);
+                buf[written..written + n].copy_from_slice(&self.out[self.out_pos..self.out_pos + n]);
                 self.out_pos += n;
                 written += n;
                 continue;
@@ -346,11 +331,7 @@ impl ResumeSession {
                 let (theirs, page_size) = (u64_at(8), u32_at(16));
                 let ours = pages.count() as u64;
                 if theirs != ours || page_size as usize != PAGE_SIZE {
-                    return Err(StreamError::Geometry {
-                        theirs,
-                        page_size,
-                        ours,
-                    });
+                    return Err(StreamError::Geometry { theirs, page_size, ours });
                 }
                 self.expect = Expect::RecordHeader;
             }
@@ -365,10 +346,7 @@ impl ResumeSession {
                 if !ok {
                     return Err(StreamError::BadRecord { tag, len });
                 }
-                self.expect = Expect::Payload {
-                    tag,
-                    len: len as usize,
-                };
+                self.expect = Expect::Payload { tag, len: len as usize };
             }
             Expect::Payload { tag, .. } => {
                 self.expect = Expect::RecordHeader;
@@ -411,11 +389,7 @@ impl ResumeSession {
         };
         let ours = pages.digest();
         if count != pages.count() as u64 || digest != ours {
-            return Err(StreamError::DigestMismatch {
-                pages: count,
-                digest,
-                ours,
-            });
+            return Err(StreamError::DigestMismatch { pages: count, digest, ours });
         }
         Ok(regs.clone())
     }

@@ -8,16 +8,16 @@ use std::{
 
 use dmhost_plugin_api::{
     vfio::{
-        errno, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK,
-        VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX,
+        errno, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK, VFIO_PCI_CONFIG_REGION_INDEX,
+        VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX,
     },
     MigState, VfioDataStream, VfioDriver,
 };
 use vfio_vendor_sample::{
     config::SampleConfig,
     device::{
-        SampleDevice, CONTROL_IRQ_ENABLE, MSI_CAP, REG_CONTROL, REG_DIGEST, REG_DOORBELL,
-        REG_SCRATCH, REG_STATUS,
+        SampleDevice, CONTROL_IRQ_ENABLE, MSI_CAP, REG_CONTROL, REG_DIGEST, REG_DOORBELL, REG_SCRATCH,
+        REG_STATUS,
     },
 };
 
@@ -26,8 +26,7 @@ fn dev(cfg: &str) -> SampleDevice {
 }
 
 fn go(d: &SampleDevice, s: MigState) -> Option<VfioDataStream> {
-    d.set_state(s.raw())
-        .unwrap_or_else(|e| panic!("-> {s}: {e}"))
+    d.set_state(s.raw()).unwrap_or_else(|e| panic!("-> {s}: {e}"))
 }
 
 fn state(d: &SampleDevice) -> MigState {
@@ -84,8 +83,7 @@ fn precopy_round_trip_while_state_changes() {
     let cfg = r#"{"state-size":"2M","dirty-pages-per-tick":4,"tick-us":200}"#;
     let src = dev(cfg);
     let dst = dev(cfg);
-    src.region_write(0, REG_SCRATCH, &0xfeed_f00du32.to_le_bytes())
-        .unwrap();
+    src.region_write(0, REG_SCRATCH, &0xfeed_f00du32.to_le_bytes()).unwrap();
 
     let s = go(&src, MigState::PreCopy).expect("PRE_COPY opens a session");
     let mut stream = Vec::new();
@@ -94,14 +92,8 @@ fn precopy_round_trip_while_state_changes() {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline && !(saw_dirty && saw_enomsg && last_initial == 0) {
         let info = src.precopy_info(s).unwrap();
-        assert!(
-            info.initial_bytes <= last_initial,
-            "initial_bytes grew: {info:?}"
-        );
-        assert!(
-            info.initial_bytes < 1 << 40 && info.dirty_bytes < 1 << 40,
-            "{info:?}"
-        );
+        assert!(info.initial_bytes <= last_initial, "initial_bytes grew: {info:?}");
+        assert!(info.initial_bytes < 1 << 40 && info.dirty_bytes < 1 << 40, "{info:?}");
         last_initial = info.initial_bytes;
         saw_dirty |= info.initial_bytes == 0 && info.dirty_bytes > 0;
         match src.read_migration_data(s, &mut buf) {
@@ -127,21 +119,13 @@ fn precopy_round_trip_while_state_changes() {
     let size = src.stop_copy_size().unwrap();
     let rest = read_all(&src, s, 10_000);
     assert_eq!(rest.len() as u64, size, "stop_copy_size was exact");
-    assert_eq!(
-        src.read_migration_data(s, &mut buf).unwrap(),
-        0,
-        "EOF persists"
-    );
+    assert_eq!(src.read_migration_data(s, &mut buf).unwrap(), 0, "EOF persists");
     stream.extend_from_slice(&rest);
 
     let r = to_resuming(&dst);
     write_all(&dst, r, &stream, 4093);
     go(&dst, MigState::Stop);
-    assert_eq!(
-        src.snapshot(),
-        dst.snapshot(),
-        "internal state and registers identical"
-    );
+    assert_eq!(src.snapshot(), dst.snapshot(), "internal state and registers identical");
     assert_eq!(src.state_digest(), dst.state_digest());
 
     // The destination runs on and changes state again.
@@ -170,10 +154,7 @@ fn stop_copy_only_is_deterministic() {
     go(&src, MigState::Stop);
     let s2 = go(&src, MigState::StopCopy).unwrap();
     assert_ne!(s1, s2, "a new session has a new stream id");
-    assert!(
-        src.read_migration_data(s1, &mut [0u8; 8]).is_err(),
-        "stale stream refused"
-    );
+    assert!(src.read_migration_data(s1, &mut [0u8; 8]).is_err(), "stale stream refused");
     let b = read_all(&src, s2, 4096);
     assert_eq!(a, b);
 
@@ -199,10 +180,7 @@ fn truncated_or_corrupt_stream_fails_resume_and_reset_recovers() {
     let e = truncated.set_state(MigState::Stop.raw()).unwrap_err();
     assert_eq!(e.errno, errno::EINVAL, "{e}");
     assert_eq!(state(&truncated), MigState::Error);
-    assert!(
-        truncated.set_state(MigState::Running.raw()).is_err(),
-        "ERROR has no arcs"
-    );
+    assert!(truncated.set_state(MigState::Running.raw()).is_err(), "ERROR has no arcs");
     truncated.reset().unwrap();
     assert_eq!(state(&truncated), MigState::Running);
 
@@ -211,20 +189,14 @@ fn truncated_or_corrupt_stream_fails_resume_and_reset_recovers() {
     let corrupt = dev(cfg);
     let r = to_resuming(&corrupt);
     assert!(corrupt.write_migration_data(r, &bad).is_err());
-    assert!(
-        corrupt.write_migration_data(r, &full).is_err(),
-        "session stays poisoned"
-    );
+    assert!(corrupt.write_migration_data(r, &full).is_err(), "session stays poisoned");
     assert!(corrupt.set_state(MigState::Stop.raw()).is_err());
 
     let extra = dev(cfg);
     let r = to_resuming(&extra);
     let mut longer = full.clone();
     longer.push(0);
-    assert!(
-        extra.write_migration_data(r, &longer).is_err(),
-        "data after END refused"
-    );
+    assert!(extra.write_migration_data(r, &longer).is_err(), "data after END refused");
 
     // Geometry mismatch: a 128K stream into a 64K device.
     let big = dev(r#"{"state-size":"128K","background":false}"#);
@@ -243,53 +215,28 @@ fn refusals_in_wrong_states() {
     let d = dev(r#"{"state-size":"64K","background":false}"#);
     let fake = VfioDataStream { id: 99 };
     let mut buf = [0u8; 16];
-    assert_eq!(
-        d.read_migration_data(fake, &mut buf).unwrap_err().errno,
-        errno::EBADF
-    );
+    assert_eq!(d.read_migration_data(fake, &mut buf).unwrap_err().errno, errno::EBADF);
     assert!(d.precopy_info(fake).is_err());
     assert!(d.write_migration_data(fake, &buf).is_err());
-    assert!(
-        d.set_state(MigState::StopCopy.raw()).is_err(),
-        "RUNNING -> STOP_COPY is not one arc"
-    );
+    assert!(d.set_state(MigState::StopCopy.raw()).is_err(), "RUNNING -> STOP_COPY is not one arc");
     assert!(d.set_state(MigState::Error.raw()).is_err());
     assert!(d.set_state(42).is_err());
     assert_eq!(state(&d), MigState::Running);
 
     let s = go(&d, MigState::PreCopy).unwrap();
-    assert!(
-        d.write_migration_data(s, &buf).is_err(),
-        "no writes while saving"
-    );
+    assert!(d.write_migration_data(s, &buf).is_err(), "no writes while saving");
     go(&d, MigState::PreCopyP2p);
     go(&d, MigState::StopCopy);
-    assert!(
-        d.precopy_info(s).is_err(),
-        "precopy info only in PRE_COPY states"
-    );
+    assert!(d.precopy_info(s).is_err(), "precopy info only in PRE_COPY states");
     let e = d.set_state(MigState::PreCopy.raw()).unwrap_err();
     assert_eq!(e.errno, errno::EINVAL);
-    assert!(
-        d.set_state(MigState::PreCopyP2p.raw()).is_err(),
-        "STOP_COPY -> PRE_COPY_P2P refused"
-    );
+    assert!(d.set_state(MigState::PreCopyP2p.raw()).is_err(), "STOP_COPY -> PRE_COPY_P2P refused");
     assert_eq!(state(&d), MigState::StopCopy);
-    assert!(
-        d.region_write(0, REG_SCRATCH, &[1, 0, 0, 0]).is_err(),
-        "stopped device refuses BAR writes"
-    );
+    assert!(d.region_write(0, REG_SCRATCH, &[1, 0, 0, 0]).is_err(), "stopped device refuses BAR writes");
     go(&d, MigState::Stop);
-    assert_eq!(
-        d.read_migration_data(s, &mut buf).unwrap_err().errno,
-        errno::EBADF,
-        "session closed"
-    );
+    assert_eq!(d.read_migration_data(s, &mut buf).unwrap_err().errno, errno::EBADF, "session closed");
     let r = go(&d, MigState::Resuming).unwrap();
-    assert!(
-        d.read_migration_data(r, &mut buf).is_err(),
-        "no reads while resuming"
-    );
+    assert!(d.read_migration_data(r, &mut buf).is_err(), "no reads while resuming");
     go(&d, MigState::Stop); // nothing written: state kept
     assert_eq!(state(&d), MigState::Stop);
 
@@ -297,9 +244,7 @@ fn refusals_in_wrong_states() {
     assert!(d.region_read(0, 4095, &mut buf[..4]).is_err());
     assert!(d.region_read(0, u64::MAX, &mut buf[..1]).is_err());
     assert!(d.region_read(12, 0, &mut buf[..1]).is_err());
-    assert!(d
-        .region_write(VFIO_PCI_CONFIG_REGION_INDEX, 250, &[0; 8])
-        .is_err());
+    assert!(d.region_write(VFIO_PCI_CONFIG_REGION_INDEX, 250, &[0; 8]).is_err());
 }
 
 #[test]
@@ -307,22 +252,9 @@ fn doorbell_raises_intx_then_msi() {
     let d = dev(r#"{"state-size":"64K","background":true,"tick-us":100}"#);
     let trigger = eventfd();
     let unmask = eventfd();
-    d.set_irqs(
-        VFIO_PCI_INTX_IRQ_INDEX,
-        VFIO_IRQ_SET_ACTION_TRIGGER,
-        0,
-        &[trigger.as_raw_fd()],
-    )
-    .unwrap();
-    d.set_irqs(
-        VFIO_PCI_INTX_IRQ_INDEX,
-        VFIO_IRQ_SET_ACTION_UNMASK,
-        0,
-        &[unmask.as_raw_fd()],
-    )
-    .unwrap();
-    d.region_write(0, REG_CONTROL, &CONTROL_IRQ_ENABLE.to_le_bytes())
-        .unwrap();
+    d.set_irqs(VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[trigger.as_raw_fd()]).unwrap();
+    d.set_irqs(VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_UNMASK, 0, &[unmask.as_raw_fd()]).unwrap();
+    d.region_write(0, REG_CONTROL, &CONTROL_IRQ_ENABLE.to_le_bytes()).unwrap();
     d.region_write(0, REG_DOORBELL, &[1, 0, 0, 0]).unwrap();
     assert_eq!(eventfd_count(&trigger), 1, "INTx fired");
     d.region_write(0, REG_DOORBELL, &[1, 0, 0, 0]).unwrap();
@@ -341,26 +273,12 @@ fn doorbell_raises_intx_then_msi() {
 
     // MSI: enable in config space and give it an eventfd.
     let msi = eventfd();
-    d.set_irqs(
-        VFIO_PCI_MSI_IRQ_INDEX,
-        VFIO_IRQ_SET_ACTION_TRIGGER,
-        0,
-        &[msi.as_raw_fd()],
-    )
-    .unwrap();
-    d.region_write(VFIO_PCI_CONFIG_REGION_INDEX, (MSI_CAP + 2) as u64, &[1])
-        .unwrap();
+    d.set_irqs(VFIO_PCI_MSI_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[msi.as_raw_fd()]).unwrap();
+    d.region_write(VFIO_PCI_CONFIG_REGION_INDEX, (MSI_CAP + 2) as u64, &[1]).unwrap();
     d.region_write(0, REG_DOORBELL, &[1, 0, 0, 0]).unwrap();
     assert_eq!(eventfd_count(&msi), 1);
     assert_eq!(eventfd_count(&trigger), 0);
-    assert!(d
-        .set_irqs(
-            VFIO_PCI_MSI_IRQ_INDEX,
-            VFIO_IRQ_SET_ACTION_TRIGGER,
-            1,
-            &[msi.as_raw_fd()]
-        )
-        .is_err());
+    assert!(d.set_irqs(VFIO_PCI_MSI_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, 1, &[msi.as_raw_fd()]).is_err());
     assert!(d.set_irqs(7, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[]).is_err());
 
     let mut lo = [0u8; 8];

@@ -136,7 +136,11 @@ impl Shared {
     /// received in pre-copy are stale and are punched out of the memfd,
     /// so that the guest faults on them.
     pub fn apply_pending(&self, block: &str, bitmap: &[u64]) -> Result<(), PostcopyDestError> {
-        let b = self.blocks.iter().find(|b| b.name == block).ok_or_else(|| PostcopyDestError::UnknownBlock(block.into()))?;
+        let b = self
+            .blocks
+            .iter()
+            .find(|b| b.name == block)
+            .ok_or_else(|| PostcopyDestError::UnknownBlock(block.into()))?;
         let pages = b.size / PAGE_SIZE as u64;
         let mut run: Option<(u64, u64)> = None;
         let mut count = 0;
@@ -321,7 +325,12 @@ fn punch(b: &DestBlock, (s, e): (u64, u64)) -> Result<(), PostcopyDestError> {
     // SAFETY: fallocate on the block's memfd, within its range; it only
     // frees pages (which read back as zero).
     let r = unsafe {
-        libc::fallocate(b.fd, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off as libc::off_t, len as libc::off_t)
+        libc::fallocate(
+            b.fd,
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off as libc::off_t,
+            len as libc::off_t,
+        )
     };
     if r < 0 {
         return Err(PostcopyDestError::Discard { block: b.name.clone(), source: io::Error::last_os_error() });
@@ -338,13 +347,18 @@ pub struct Session {
 
 /// Accept the urgent connection on `listener` and check its header and
 /// configuration against the main stream's.
-pub fn accept_urgent(listener: &MigrationListener, config: &ConfigSection) -> Result<StreamReader<MigrationStream>, PostcopyDestError> {
+pub fn accept_urgent(
+    listener: &MigrationListener,
+    config: &ConfigSection,
+) -> Result<StreamReader<MigrationStream>, PostcopyDestError> {
     let s = listener.accept_next().map_err(|e| PostcopyDestError::Urgent(e.to_string()))?;
     s.set_read_timeout(Some(Duration::from_secs(30)));
     let mut r = StreamReader::new(s).map_err(|e| PostcopyDestError::Urgent(e.to_string()))?;
     match r.next_section() {
         Ok(Section::Config(c)) if &c == config => {}
-        Ok(_) => return Err(PostcopyDestError::Urgent("its configuration differs from the main stream's".into())),
+        Ok(_) => {
+            return Err(PostcopyDestError::Urgent("its configuration differs from the main stream's".into()))
+        }
         Err(e) => return Err(PostcopyDestError::Urgent(e.to_string())),
     }
     r.get_mut().set_read_timeout(None);
@@ -405,7 +419,8 @@ fn fault_thread(s: &Shared) {
 }
 
 fn receiver(s: &Shared, mut r: StreamReader<MigrationStream>, urgent: bool) {
-    let blocks: HashMap<String, usize> = s.blocks.iter().enumerate().map(|(i, b)| (b.name.clone(), i)).collect();
+    let blocks: HashMap<String, usize> =
+        s.blocks.iter().enumerate().map(|(i, b)| (b.name.clone(), i)).collect();
     let ev = loop {
         match r.next_section() {
             Ok(Section::Ram(batch)) => {
@@ -417,7 +432,15 @@ fn receiver(s: &Shared, mut r: StreamReader<MigrationStream>, urgent: bool) {
                 }
             }
             Ok(Section::End { .. }) => break Event::End,
-            Ok(other) => break Event::Broken(urgent, format!("unexpected {} section in post-copy", crate::migration::section_name(other.type_code()))),
+            Ok(other) => {
+                break Event::Broken(
+                    urgent,
+                    format!(
+                        "unexpected {} section in post-copy",
+                        crate::migration::section_name(other.type_code())
+                    ),
+                )
+            }
             Err(e) => break Event::Broken(urgent, e.to_string()),
         }
     };
@@ -498,7 +521,9 @@ fn controller(s: &Arc<Shared>, mut session: Session) {
             return;
         }
         let why = broken.unwrap_or_else(|| format!("the source ended with {left} pages still missing"));
-        log::warn!("migration: post-copy paused: {why}; the guest waits on its faults until `migrate-recover`");
+        log::warn!(
+            "migration: post-copy paused: {why}; the guest waits on its faults until `migrate-recover`"
+        );
         s.progress.break_sockets();
         *lock(&s.ret) = None;
         for r in recv {
@@ -544,12 +569,19 @@ fn recover(s: &Shared, listener: &MigrationListener) -> Result<Session, Postcopy
     let mut main = StreamReader::new(stream).map_err(|e| err(&e))?;
     match main.next_section() {
         Ok(Section::Config(c)) if c == s.config => {}
-        Ok(_) => return Err(PostcopyDestError::RetPath("the resuming stream has another configuration".into())),
+        Ok(_) => {
+            return Err(PostcopyDestError::RetPath("the resuming stream has another configuration".into()))
+        }
         Err(e) => return Err(err(&e)),
     }
     match main.next_section() {
         Ok(Section::PostcopyResume) => {}
-        Ok(other) => return Err(PostcopyDestError::RetPath(format!("expected a resume section, got {}", crate::migration::section_name(other.type_code())))),
+        Ok(other) => {
+            return Err(PostcopyDestError::RetPath(format!(
+                "expected a resume section, got {}",
+                crate::migration::section_name(other.type_code())
+            )))
+        }
         Err(e) => return Err(err(&e)),
     }
     for b in &s.blocks {
@@ -566,6 +598,10 @@ fn recover(s: &Shared, listener: &MigrationListener) -> Result<Session, Postcopy
     RetMsg::ResumeReady.send(&mut ret).map_err(|e| err(&e))?;
     let urgent = accept_urgent(listener, &s.config)?;
     main.get_mut().set_read_timeout(None);
-    log::info!("migration: post-copy recovered on {}: {} pages still to come", listener.uri(), s.remaining.load(Ordering::Relaxed));
+    log::info!(
+        "migration: post-copy recovered on {}: {} pages still to come",
+        listener.uri(),
+        s.remaining.load(Ordering::Relaxed)
+    );
     Ok(Session { main, urgent, ret })
 }

@@ -149,14 +149,22 @@ impl Latencies {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::migration::{ConfigSection, DeviceInfo, DeviceStage, RamBlockInfo, Section, StreamError, StreamReader, StreamWriter};
+    use crate::migration::{
+        ConfigSection, DeviceInfo, DeviceStage, RamBlockInfo, Section, StreamError, StreamReader,
+        StreamWriter,
+    };
 
     fn config() -> ConfigSection {
         ConfigSection {
             ram_size: 1 << 20,
             vcpus: 1,
             ram_blocks: vec![RamBlockInfo { id: "ram0".into(), size: 1 << 20 }],
-            devices: vec![DeviceInfo { id: "d".into(), kind: "k".into(), plugin_version: String::new(), section_version: 1 }],
+            devices: vec![DeviceInfo {
+                id: "d".into(),
+                kind: "k".into(),
+                plugin_version: String::new(),
+                section_version: 1,
+            }],
         }
     }
 

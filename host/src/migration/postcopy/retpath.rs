@@ -11,7 +11,10 @@
 
 use std::io::{self, Read, Write};
 
-use crate::migration::{bitmap_words, ConfigSection, MAX_BITMAP_PAYLOAD, MAX_PAGES_PER_BATCH, MAX_STRING_LEN, PAGE_INDEX_MASK, SECTION_HEADER_LEN};
+use crate::migration::{
+    bitmap_words, ConfigSection, MAX_BITMAP_PAYLOAD, MAX_PAGES_PER_BATCH, MAX_STRING_LEN, PAGE_INDEX_MASK,
+    SECTION_HEADER_LEN,
+};
 
 /// Return-path message type codes.
 pub mod msg_type {
@@ -188,10 +191,16 @@ fn parse(ty: u8, p: &[u8], config: &ConfigSection) -> Result<RetMsg, RetPathErro
     let n = *p.first().ok_or_else(|| bad("empty payload"))? as usize;
     let id = p.get(1..1 + n).ok_or_else(|| bad("truncated block id"))?;
     let block = String::from_utf8(id.to_vec()).map_err(|_| bad("block id is not UTF-8"))?;
-    let pages = config.ram_block(&block).map(|b| b.pages()).ok_or_else(|| bad(format!("unknown RAM block {block:?}")))?;
+    let pages = config
+        .ram_block(&block)
+        .map(|b| b.pages())
+        .ok_or_else(|| bad(format!("unknown RAM block {block:?}")))?;
     let rest = &p[1 + n..];
     if ty == msg_type::REQUEST {
-        let count = rest.get(..4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).ok_or_else(|| bad("truncated count"))?;
+        let count = rest
+            .get(..4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .ok_or_else(|| bad("truncated count"))?;
         let count = count as usize;
         if count == 0 || count > MAX_PAGES_PER_BATCH || rest.len() != 4 + 8 * count {
             return Err(bad(format!("request of {count} pages in {} bytes", rest.len())));
@@ -209,7 +218,10 @@ fn parse(ty: u8, p: &[u8], config: &ConfigSection) -> Result<RetMsg, RetPathErro
     if rest.len() as u64 != bitmap_words(pages) * 8 {
         return Err(bad(format!("bitmap of {} bytes for {pages} pages of {block:?}", rest.len())));
     }
-    let bitmap = rest.chunks_exact(8).map(|e| u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]])).collect();
+    let bitmap = rest
+        .chunks_exact(8)
+        .map(|e| u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]))
+        .collect();
     Ok(RetMsg::Received { block, bitmap })
 }
 
@@ -219,7 +231,12 @@ mod tests {
     use crate::migration::RamBlockInfo;
 
     fn config() -> ConfigSection {
-        ConfigSection { ram_size: 1 << 20, vcpus: 1, ram_blocks: vec![RamBlockInfo { id: "ram0".into(), size: 1 << 20 }], devices: vec![] }
+        ConfigSection {
+            ram_size: 1 << 20,
+            vcpus: 1,
+            ram_blocks: vec![RamBlockInfo { id: "ram0".into(), size: 1 << 20 }],
+            devices: vec![],
+        }
     }
 
     #[test]

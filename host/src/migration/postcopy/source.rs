@@ -59,7 +59,10 @@ enum Urgent {
 
 /// Open the urgent-page connection: a stream of its own (header,
 /// configuration, RAM sections, end).
-pub fn connect_urgent(uri: &MigrationUri, config: &ConfigSection) -> Result<StreamWriter<MigrationStream>, MigrationError> {
+pub fn connect_urgent(
+    uri: &MigrationUri,
+    config: &ConfigSection,
+) -> Result<StreamWriter<MigrationStream>, MigrationError> {
     let s = connect(uri)?;
     s.set_nodelay();
     let mut w = StreamWriter::with_capacity(64 << 10, s)?;
@@ -70,7 +73,12 @@ pub fn connect_urgent(uri: &MigrationUri, config: &ConfigSection) -> Result<Stre
 
 /// Run post-copy to the end: every pending page reaches the destination.
 /// The guest stays stopped whatever happens.
-pub fn run(blocks: &[PcBlock], config: &ConfigSection, mut session: Session, progress: &Progress) -> Result<u64, MigrationError> {
+pub fn run(
+    blocks: &[PcBlock],
+    config: &ConfigSection,
+    mut session: Session,
+    progress: &Progress,
+) -> Result<u64, MigrationError> {
     let resume = progress.resume_channel();
     let requests = AtomicU64::new(0);
     loop {
@@ -79,7 +87,9 @@ pub fn run(blocks: &[PcBlock], config: &ConfigSection, mut session: Session, pro
             Ok(()) => return Ok(requests.load(Ordering::Relaxed)),
             Err(MigrationError::Cancelled) => return Err(MigrationError::Cancelled),
             Err(e) => {
-                log::warn!("migration: post-copy connection lost ({e}); paused, waiting for `migrate` with resume");
+                log::warn!(
+                    "migration: post-copy connection lost ({e}); paused, waiting for `migrate` with resume"
+                );
                 progress.set_status(Status::PostcopyPaused);
                 progress.set_extra("postcopy-paused-reason", serde_json::json!(e.to_string()));
             }
@@ -89,7 +99,9 @@ pub fn run(blocks: &[PcBlock], config: &ConfigSection, mut session: Session, pro
                 match resume.recv_timeout(Duration::from_millis(100)) {
                     Ok(Resume::Connect(uri)) => break uri,
                     Ok(Resume::Accept(_)) => continue,
-                    Err(mpsc::RecvTimeoutError::Timeout) if progress.cancelled() => return Err(MigrationError::Cancelled),
+                    Err(mpsc::RecvTimeoutError::Timeout) if progress.cancelled() => {
+                        return Err(MigrationError::Cancelled)
+                    }
                     Err(mpsc::RecvTimeoutError::Timeout) => continue,
                     Err(mpsc::RecvTimeoutError::Disconnected) => return Err(MigrationError::Cancelled),
                 }
@@ -98,7 +110,10 @@ pub fn run(blocks: &[PcBlock], config: &ConfigSection, mut session: Session, pro
                 Ok(s) => break s,
                 Err(e) => {
                     log::warn!("migration: post-copy resume to {uri} failed: {e}; still paused");
-                    progress.set_extra("postcopy-paused-reason", serde_json::json!(format!("resume failed: {e}")));
+                    progress.set_extra(
+                        "postcopy-paused-reason",
+                        serde_json::json!(format!("resume failed: {e}")),
+                    );
                     progress.set_status(Status::PostcopyPaused);
                 }
             }
@@ -108,7 +123,11 @@ pub fn run(blocks: &[PcBlock], config: &ConfigSection, mut session: Session, pro
 
 /// A new connection resuming post-copy: the destination says which pages
 /// it has; the others are sent again.
-fn reconnect(blocks: &[PcBlock], config: &ConfigSection, uri: &MigrationUri) -> Result<Session, MigrationError> {
+fn reconnect(
+    blocks: &[PcBlock],
+    config: &ConfigSection,
+    uri: &MigrationUri,
+) -> Result<Session, MigrationError> {
     let stream = connect(uri)?;
     let mut ret = stream.try_clone()?;
     let mut main = StreamWriter::new(stream)?;
@@ -119,10 +138,9 @@ fn reconnect(blocks: &[PcBlock], config: &ConfigSection, uri: &MigrationUri) -> 
     loop {
         match RetMsg::read(&mut ret, config).map_err(ret_err)? {
             RetMsg::Received { block, bitmap } => {
-                let b = blocks
-                    .iter()
-                    .find(|b| b.block.name == block)
-                    .ok_or_else(|| MigrationError::Incoming(format!("received bitmap of unknown block {block:?}")))?;
+                let b = blocks.iter().find(|b| b.block.name == block).ok_or_else(|| {
+                    MigrationError::Incoming(format!("received bitmap of unknown block {block:?}"))
+                })?;
                 let unsent: Vec<u64> = b.pending.iter().zip(&bitmap).map(|(p, r)| p & !r).collect();
                 b.unsent.store_words(&unsent);
                 got += 1;
@@ -132,7 +150,10 @@ fn reconnect(blocks: &[PcBlock], config: &ConfigSection, uri: &MigrationUri) -> 
         }
     }
     if got != blocks.len() {
-        return Err(MigrationError::Incoming(format!("the destination sent {got} bitmaps for {} blocks", blocks.len())));
+        return Err(MigrationError::Incoming(format!(
+            "the destination sent {got} bitmaps for {} blocks",
+            blocks.len()
+        )));
     }
     ret.set_read_timeout(None);
     let left: u64 = blocks.iter().map(|b| b.unsent.count()).sum();
@@ -169,26 +190,27 @@ fn run_session(
         // Return path: page requests go to the urgent sender.
         let tx = ev_tx.clone();
         let utx = urg_tx.clone();
-        let rp = std::thread::Builder::new().name("postcopy-retpath".into()).spawn_scoped(scope, move || loop {
-            match RetMsg::read(&mut ret, config) {
-                Ok(RetMsg::Request { block, pages }) => {
-                    let Some(bi) = blocks.iter().position(|b| b.block.name == block) else { continue };
-                    let _ = utx.send(Urgent::Serve(bi, pages));
+        let rp =
+            std::thread::Builder::new().name("postcopy-retpath".into()).spawn_scoped(scope, move || loop {
+                match RetMsg::read(&mut ret, config) {
+                    Ok(RetMsg::Request { block, pages }) => {
+                        let Some(bi) = blocks.iter().position(|b| b.block.name == block) else { continue };
+                        let _ = utx.send(Urgent::Serve(bi, pages));
+                    }
+                    Ok(RetMsg::Complete) => {
+                        let _ = tx.send(Event::Complete);
+                        return;
+                    }
+                    Ok(other) => {
+                        let _ = tx.send(Event::Broken(format!("unexpected return-path message {other:?}")));
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Event::Broken(format!("return path: {e}")));
+                        return;
+                    }
                 }
-                Ok(RetMsg::Complete) => {
-                    let _ = tx.send(Event::Complete);
-                    return;
-                }
-                Ok(other) => {
-                    let _ = tx.send(Event::Broken(format!("unexpected return-path message {other:?}")));
-                    return;
-                }
-                Err(e) => {
-                    let _ = tx.send(Event::Broken(format!("return path: {e}")));
-                    return;
-                }
-            }
-        });
+            });
         // Urgent pages, as they are asked for.
         let tx = ev_tx.clone();
         let urg = std::thread::Builder::new().name("postcopy-urgent".into()).spawn_scoped(scope, move || {
@@ -228,7 +250,9 @@ fn run_session(
                     Ok(Event::Broken(e)) => break Err(MigrationError::NoAck(e)),
                     Err(_) if progress.cancelled() => break Err(MigrationError::Cancelled),
                     Err(mpsc::RecvTimeoutError::Timeout) => {}
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break Err(MigrationError::NoAck("return path gone".into())),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        break Err(MigrationError::NoAck("return path gone".into()))
+                    }
                 }
             },
             Err(e) => Err(e),
@@ -264,7 +288,11 @@ fn background(
             }
             match events.try_recv() {
                 Ok(Event::Broken(e)) => return Err(MigrationError::NoAck(e)),
-                Ok(Event::Complete) => return Err(MigrationError::Incoming("the destination completed before every page was sent".into())),
+                Ok(Event::Complete) => {
+                    return Err(MigrationError::Incoming(
+                        "the destination completed before every page was sent".into(),
+                    ))
+                }
                 Err(_) => {}
             }
             b.unsent.take_next(&mut cursor, BACKGROUND_BATCH, &mut pages);
