@@ -106,7 +106,7 @@ fn dmhost_case(dir: &Path, name: &str, config: &str, ready: &str, params: Value)
         match q["status"].as_str() {
             Some("completed") => break q,
             Some("failed") | Some("cancelled") => panic!("dmhost {name}: {q}"),
-            _ => std::thread::sleep(Duration::from_millis(5)),
+            _ => std::thread::sleep(Duration::from_millis(50)),
         }
     };
     Outcome {
@@ -190,7 +190,7 @@ fn qemu_case(dir: &Path, tag: &str, src_mem: &[&str], dst_mem: &[&str]) -> Outco
         match q["status"].as_str() {
             Some("completed") => break q,
             Some("failed") | Some("cancelled") => panic!("QEMU {tag}: {q}"),
-            _ => std::thread::sleep(Duration::from_millis(5)),
+            _ => std::thread::sleep(Duration::from_millis(50)),
         }
     };
     Outcome {

@@ -12,7 +12,10 @@
 
 use std::{collections::BTreeMap, io::Write, sync::Arc, time::Instant};
 
-use crate::{devices::HostDevice, vm::Vm};
+use crate::{
+    devices::HostDevice,
+    vm::{ramblocks::RamBlock, Vm},
+};
 
 use super::{
     check_compatibility,
@@ -143,7 +146,10 @@ fn load(
                 // SAFETY: the VM is not running and the block is registered
                 // for the VM's lifetime; nothing else touches it meanwhile.
                 let mem = unsafe { block_bytes_mut(block) };
-                reader.read_ram_into(&batch, mem)?;
+                match memfd_of(block) {
+                    Some(file) => reader.read_ram_into_file(&batch, mem, &file, block.fd_offset)?,
+                    None => reader.read_ram_into(&batch, mem)?,
+                }
                 got.ram_batches += 1;
                 if got.ram_batches % 64 == 0 {
                     let n = reader.offset();
@@ -259,4 +265,22 @@ fn finish_load(
         })?;
     }
     Ok(())
+}
+
+/// The memfd behind a RAM block, borrowed (not closed on drop), when the
+/// block is one: then its mapping is shared and `pwrite` to the file is a
+/// store to the memory. Only memfds answer `F_GET_SEALS`; a file backend
+/// (possibly mapped private) gets `None` and is written through its mapping.
+fn memfd_of(block: &RamBlock) -> Option<std::mem::ManuallyDrop<std::fs::File>> {
+    use std::os::fd::FromRawFd;
+    if block.fd < 0 {
+        return None;
+    }
+    // SAFETY: F_GET_SEALS only queries the descriptor.
+    if unsafe { libc::fcntl(block.fd, libc::F_GET_SEALS) } < 0 {
+        return None;
+    }
+    // SAFETY: the descriptor stays open while the block is registered (for
+    // this whole load); ManuallyDrop never closes it.
+    Some(std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(block.fd) }))
 }

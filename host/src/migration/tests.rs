@@ -789,3 +789,45 @@ fn bench_small_run_moves_the_data() {
     assert!(r.tcp_stream > 0.0 && r.tcp_raw > 0.0 && r.unix_stream > 0.0);
     assert!(bench::run(1, 100).is_err());
 }
+
+/// `read_ram_into_file` writes data pages into a shared memfd mapping through
+/// the file (what the destination does for guest RAM), with the same result
+/// as storing through the mapping.
+#[test]
+fn ram_read_into_a_memfd_through_the_file() {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let (bytes, ram) = sample();
+    let size = 64 * PAGE_SIZE;
+    // SAFETY: valid name and flags.
+    let fd = unsafe { libc::memfd_create(c"ram".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: a fresh descriptor we own.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(size as u64).unwrap();
+    // SAFETY: a fresh shared mapping of the memfd, unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    // SAFETY: the mapping is `size` bytes and lives until the munmap below.
+    let mem = unsafe { std::slice::from_raw_parts_mut(p.cast::<u8>(), size) };
+    // Stale content on the page the stream says is zero must be cleared.
+    mem[PAGE_SIZE..2 * PAGE_SIZE].fill(0x77);
+    let mut r = StreamReader::new(&bytes[..]).unwrap();
+    r.next_section().unwrap();
+    let Section::Ram(b) = r.next_section().unwrap() else { panic!() };
+    r.read_ram_into_file(&b, mem, &file, 0).unwrap();
+    for i in [0usize, 1, 2, 3, 5, 9, 63] {
+        let range = i * PAGE_SIZE..(i + 1) * PAGE_SIZE;
+        assert_eq!(&mem[range.clone()], &ram[range], "page {i}");
+    }
+    // SAFETY: unmapping the mapping created above.
+    unsafe { libc::munmap(p, size) };
+}
