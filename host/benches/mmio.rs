@@ -110,10 +110,19 @@ fn main() {
     registry.load(&plugin_lib()).unwrap();
     let (mut p, mut b, mut u) = (Vec::new(), Vec::new(), Vec::new());
     run(Path::Builtin, n.min(1000), &registry); // warm up
-    for _ in 0..rounds {
-        p.push(run(Path::Plugin, n, &registry));
-        b.push(run(Path::Builtin, n, &registry));
-        u.push(run(Path::Unclaimed, n, &registry));
+                                                // Rotate the order each round, so no path always runs first (right
+                                                // after the previous VM's teardown) or last.
+    let order = [Path::Plugin, Path::Builtin, Path::Unclaimed];
+    for round in 0..rounds as usize {
+        for k in 0..order.len() {
+            let path = order[(round + k) % order.len()];
+            let rate = run(path, n, &registry);
+            match path {
+                Path::Plugin => p.push(rate),
+                Path::Builtin => b.push(rate),
+                Path::Unclaimed => u.push(rate),
+            }
+        }
     }
     let (p, b, u) = (median(p), median(b), median(u));
     println!("mmio bench: {n} MMIO writes per run, {rounds} rounds (median)");
