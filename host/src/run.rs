@@ -139,7 +139,21 @@ fn run_vm(args: &RunArgs, extra_dirs: &[PathBuf]) -> Result<ExitCode, RunError> 
         crate::remote::add_device(&vm, &*registry, &d.kind, &d.id, &d.config, d.isolation)?;
     }
     // ACPI tables for the boot devices; rebuilt on every hot-plug.
-    let _acpi = crate::acpi_host::AcpiHost::install(&vm, config.vcpus, config.acpi.clone())?;
+    let acpi = crate::acpi_host::AcpiHost::install(&vm, config.vcpus, config.acpi.clone())?;
+    // A guest _EJ0 unplugs the DIMM. Not on the vCPU thread that made the
+    // request (it holds the bus), and through a weak reference: the VM
+    // owns the ACPI host.
+    let weak = Arc::downgrade(&vm);
+    acpi.on_eject(Box::new(move |id| {
+        let weak = weak.clone();
+        std::thread::spawn(move || {
+            if let Some(vm) = weak.upgrade() {
+                if let Err(e) = vm.remove_device(&id) {
+                    log::warn!("ACPI eject of {id}: {e}");
+                }
+            }
+        });
+    }));
     let commands = Arc::new(CommandRegistry::new());
     register_vm_commands(
         &commands,

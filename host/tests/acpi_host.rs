@@ -396,6 +396,59 @@ fn memory_hotplug_is_visible_through_the_acpi_registers() {
     assert_eq!(status.code(), Some(0), "stderr: {err}");
 }
 
+/// The guest's `_EJ0` (the eject bit of the hotplug registers) unplugs the
+/// DIMM, as QEMU's does: the slot empties without any `device_del`.
+#[test]
+fn guest_eject_unplugs_the_dimm() {
+    if !kvm_or_skip("guest_eject_unplugs_the_dimm") {
+        return;
+    }
+    common::plugin_path("pc_dimm");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("mhp.toml");
+    std::fs::write(
+        &cfg,
+        "program = \"builtin:memory-hotplug\"\nram = \"8M\"\nmemory-slots = 4\n[regs]\nr9 = 1\n",
+    )
+    .unwrap();
+    let sock = dir.path().join("ctl.sock");
+    let mut child = dmhost()
+        .args(["run", "--timeout", "60", "--control"])
+        .arg(&sock)
+        .arg(&cfg)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || rx.recv_timeout(Duration::from_secs(30)).expect("guest output");
+    assert_eq!(next(), "mhp: waiting for a DIMM");
+    let mut c = Client::connect(&sock);
+    let r = c.cmd("device_add", json!({"driver": "pc-dimm", "id": "hot0", "size": "4M"}));
+    assert!(r["return"]["region"][0].as_u64().is_some(), "{r}");
+    assert!(next().starts_with("mhp: slot 0 status 0x0000000000000003"));
+    assert_eq!(next(), "mhp: insert event cleared");
+    assert_eq!(next(), "mhp: ejecting");
+    assert_eq!(
+        next(),
+        "mhp: slot 0 status 0x0000000000000004 base 0x0000000000000000 size 0x0000000000000000"
+    );
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(0), "stderr: {err}");
+    assert!(err.contains("the guest ejects hot0") && err.contains("device hot0 removed"), "{err}");
+}
+
 /// The cost of one `_DSM` round trip (Get Namespace Label Size: page
 /// writes, doorbell exit, host routing to the plugin through the ABI,
 /// reply) against a plain port write nobody claims, in one run.

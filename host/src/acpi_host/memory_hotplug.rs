@@ -178,7 +178,7 @@ impl MemoryHotplug {
     }
 
     /// A guest write. Returns the id of a device whose ejection the guest
-    /// requested (for the caller to log; ejection is not acted on).
+    /// requested (the caller unplugs it).
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Option<String> {
         let mut v = [0u8; 4];
         let n = data.len().min(4);

@@ -186,7 +186,12 @@ pub struct AcpiHost {
     calls: AtomicU64,
     /// Guest-triggerable log lines.
     guest_log: RateLimiter,
+    /// What a guest `_EJ0` does (unplug the device), set by the runner.
+    ejector: std::sync::OnceLock<Ejector>,
 }
+
+/// Called with the id of a memory device the guest asked to eject.
+pub type Ejector = Box<dyn Fn(String) + Send + Sync>;
 
 impl AcpiHost {
     /// Claim the ports, build and place the tables for the devices plugged
@@ -203,6 +208,7 @@ impl AcpiHost {
             booted: AtomicBool::new(false),
             calls: AtomicU64::new(0),
             guest_log: RateLimiter::new(10, Duration::from_secs(1)),
+            ejector: std::sync::OnceLock::new(),
         });
         vm.ram().write(DSM_PAGE_GPA, &[0u8; dmhost_acpi::nvdimm::DSM_PAGE_SIZE]).map_err(GuestError::from)?;
         let dev = Arc::clone(&host) as Arc<dyn BusDevice>;
@@ -235,6 +241,12 @@ impl AcpiHost {
         }));
         log::info!("ACPI: tables at {ACPI_GPA:#x}, DSM page at {DSM_PAGE_GPA:#x}, doorbell port {DSM_DOORBELL_PORT:#x}");
         Ok(host)
+    }
+
+    /// Act on the guest's `_EJ0` (bit 3 of the memory-hotplug flags) with
+    /// `f`, as QEMU unplugs the DIMM; without one, an eject is only logged.
+    pub fn on_eject(&self, f: Ejector) {
+        let _ = self.ejector.set(f);
     }
 
     /// The ACPI parts of every device plugged in `vm`.
@@ -363,8 +375,15 @@ impl BusDevice for AcpiHost {
         match addr.checked_sub(MHP_PORT.into()) {
             Some(off) if off < u64::from(MHP_LEN) => {
                 let eject = lock(&self.mhp).write(off, data);
-                if let Some(id) = eject {
-                    self.guest_note(|| format!("the guest asked to eject {id}; use device_del"));
+                match (eject, self.ejector.get()) {
+                    (Some(id), Some(f)) => {
+                        log::info!("ACPI: the guest ejects {id}");
+                        f(id)
+                    }
+                    (Some(id), None) => {
+                        self.guest_note(|| format!("the guest asked to eject {id}; use device_del"))
+                    }
+                    (None, _) => {}
                 }
             }
             _ => self.guest_note(|| format!("write to ACPI port {addr:#x} ignored")),

@@ -462,9 +462,9 @@ pub fn nvdimm_acpi() -> Result<GuestProgram, GuestError> {
 /// device was plugged), finds the first enabled slot through the ACPI
 /// memory hotplug registers, prints
 /// `mhp: slot N status 0x.. base 0x.. size 0x..`, clears the insert event
-/// (checks it is cleared), waits for the next change (the device was
-/// unplugged), prints the same slot again and exits 0 when it is no
-/// longer enabled. Exit codes: 40 no hotplug interface, 41 no enabled
+/// (checks it is cleared), with `r9 = 1` requests ejection itself (the
+/// `_EJ0` bit), waits for the next change (the device was unplugged),
+/// prints the same slot again and exits 0 when it is no longer enabled. Exit codes: 40 no hotplug interface, 41 no enabled
 /// slot, 42 insert event not cleared, 43 slot still enabled.
 pub fn memory_hotplug() -> Result<GuestProgram, GuestError> {
     program("memory-hotplug", |a| {
@@ -514,6 +514,13 @@ pub fn memory_hotplug() -> Result<GuestProgram, GuestError> {
         a.cmp(al, 1u32)?;
         a.jne(stuck)?;
         print(a, "mhp: insert event cleared\n")?;
+        // r9 = 1: the guest ejects the DIMM itself (_EJ0: flags bit 3).
+        a.test(r9, r9)?;
+        a.jz(wait2)?;
+        print(a, "mhp: ejecting\n")?;
+        a.lea(edx, dword_ptr(rsi + 0x14))?;
+        a.mov(al, 8u32)?;
+        a.out(dx, al)?;
         a.set_label(&mut wait2)?;
         a.pause()?;
         a.mov(eax, dword_ptr(r15 + 0x10))?;
