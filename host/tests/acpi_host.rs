@@ -348,20 +348,22 @@ impl Client {
     }
 }
 
-#[test]
-fn memory_hotplug_is_visible_through_the_acpi_registers() {
-    if !kvm_or_skip("memory_hotplug_is_visible_through_the_acpi_registers") {
-        return;
-    }
+/// `dmhost run` of the `memory-hotplug` guest (config `extra` appended)
+/// with a control socket; its stdout lines arrive on the receiver.
+fn spawn_memory_hotplug_guest(
+    dir: &std::path::Path,
+    extra: &str,
+) -> (std::process::Child, mpsc::Receiver<String>, std::path::PathBuf) {
     common::plugin_path("pc_dimm");
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("mhp.toml");
-    std::fs::write(&cfg, "program = \"builtin:memory-hotplug\"\nram = \"8M\"\nmemory-slots = 4\n").unwrap();
-    let sock = dir.path().join("ctl.sock");
+    let cfg = dir.join("mhp.toml");
+    let text = format!("program = \"builtin:memory-hotplug\"\nram = \"8M\"\nmemory-slots = 4\n{extra}");
+    std::fs::write(&cfg, text).unwrap();
+    let sock = dir.join("ctl.sock");
     let mut child = dmhost()
         .args(["run", "--timeout", "60", "--control"])
         .arg(&sock)
         .arg(&cfg)
+        .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -375,6 +377,16 @@ fn memory_hotplug_is_visible_through_the_acpi_registers() {
             }
         }
     });
+    (child, rx, sock)
+}
+
+#[test]
+fn memory_hotplug_is_visible_through_the_acpi_registers() {
+    if !kvm_or_skip("memory_hotplug_is_visible_through_the_acpi_registers") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, rx, sock) = spawn_memory_hotplug_guest(dir.path(), "");
     let next = || rx.recv_timeout(Duration::from_secs(30)).expect("guest output");
     assert_eq!(next(), "mhp: waiting for a DIMM");
     let mut c = Client::connect(&sock);
@@ -403,33 +415,8 @@ fn guest_eject_unplugs_the_dimm() {
     if !kvm_or_skip("guest_eject_unplugs_the_dimm") {
         return;
     }
-    common::plugin_path("pc_dimm");
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("mhp.toml");
-    std::fs::write(
-        &cfg,
-        "program = \"builtin:memory-hotplug\"\nram = \"8M\"\nmemory-slots = 4\n[regs]\nr9 = 1\n",
-    )
-    .unwrap();
-    let sock = dir.path().join("ctl.sock");
-    let mut child = dmhost()
-        .args(["run", "--timeout", "60", "--control"])
-        .arg(&sock)
-        .arg(&cfg)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut child, rx, sock) = spawn_memory_hotplug_guest(dir.path(), "[regs]\nr9 = 1\n");
     let next = || rx.recv_timeout(Duration::from_secs(30)).expect("guest output");
     assert_eq!(next(), "mhp: waiting for a DIMM");
     let mut c = Client::connect(&sock);

@@ -168,6 +168,24 @@ fn invalid(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg.into())
 }
 
+/// A size in a plugin's JSON config: a number of bytes or a string such as
+/// `"128M"` ([`parse_size`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(untagged)]
+pub enum ConfigSize {
+    Bytes(u64),
+    Text(String),
+}
+
+impl ConfigSize {
+    pub fn bytes(&self) -> Result<u64, String> {
+        match self {
+            ConfigSize::Bytes(n) => Ok(*n),
+            ConfigSize::Text(s) => parse_size(s),
+        }
+    }
+}
+
 /// Parse a size such as `128M`, `1G`, `4096` or `64K` (JSON configs may also
 /// give a number).
 pub fn parse_size(s: &str) -> Result<u64, String> {

@@ -3,7 +3,7 @@
 //! writes to the idle port, the CPL-3 `hlt`: the vCPU thread sleeps
 //! instead of spinning on a host core.
 
-use super::{asm::*, migrate_verify::WORK_BASE, GuestError, GuestProgram, BOOT_INFO_ENTRIES};
+use super::{asm::*, migrate_verify::for_each_memory_area, GuestError, GuestProgram};
 use crate::vm::vcpu::PORT_IDLE;
 
 /// Emit an idle loop that never ends: 1 ms naps on the idle port.
@@ -25,34 +25,14 @@ pub fn idle() -> Result<GuestProgram, GuestError> {
 }
 
 /// `fill-idle`: writes a non-zero qword (its own address, inverted) at the
-/// start of every page of guest RAM above [`WORK_BASE`] and of every
+/// start of every page of guest RAM above
+/// [`WORK_BASE`](super::migrate_verify::WORK_BASE) and of every
 /// device region, prints `fill-idle: filled`, then idles until stopped.
 pub fn fill_idle() -> Result<GuestProgram, GuestError> {
     program("fill-idle", |a| {
         let mut fill = a.create_label();
-        let mut dev_loop = a.create_label();
-        let mut dev_done = a.create_label();
-        let mut no_ram = a.create_label();
         a.mov(r15, rdi)?;
-        a.mov(r8, WORK_BASE)?;
-        a.mov(r9, qword_ptr(r15 + 0x08))?;
-        a.cmp(r9, r8)?;
-        a.jbe(no_ram)?;
-        a.sub(r9, r8)?;
-        a.call(fill)?;
-        a.set_label(&mut no_ram)?;
-        a.mov(ebx, dword_ptr(r15 + 0x14))?;
-        a.lea(rsi, qword_ptr(r15 + BOOT_INFO_ENTRIES as i32))?;
-        a.set_label(&mut dev_loop)?;
-        a.test(ebx, ebx)?;
-        a.jz(dev_done)?;
-        a.mov(r8, qword_ptr(rsi + 0x28))?;
-        a.mov(r9, qword_ptr(rsi + 0x30))?;
-        a.call(fill)?;
-        a.add(rsi, 0x40)?;
-        a.dec(ebx)?;
-        a.jmp(dev_loop)?;
-        a.set_label(&mut dev_done)?;
+        for_each_memory_area(a, fill)?;
         print(a, "fill-idle: filled\n")?;
         idle_forever(a)?;
 

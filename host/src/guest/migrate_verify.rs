@@ -27,6 +27,39 @@ pub const DEFAULT_ROUNDS: u64 = 200;
 /// Stride `M` when `r14` is 0.
 pub const DEFAULT_STRIDE: u64 = 64;
 
+/// Emit calls of `routine` (`r8` = start, `r9` = size) for guest RAM above
+/// [`WORK_BASE`] and for every device region in the boot-info page (in
+/// `r15`). Clobbers `rbx` and `rsi` besides what `routine` does; `routine`
+/// may clobber `rsi`.
+pub fn for_each_memory_area(a: &mut CodeAssembler, routine: CodeLabel) -> Result<(), IcedError> {
+    let mut no_ram = a.create_label();
+    let mut dev_loop = a.create_label();
+    let mut dev_done = a.create_label();
+    a.mov(r8, WORK_BASE)?;
+    a.mov(r9, qword_ptr(r15 + 0x08))?;
+    a.cmp(r9, r8)?;
+    a.jbe(no_ram)?;
+    a.sub(r9, r8)?;
+    a.call(routine)?;
+    a.set_label(&mut no_ram)?;
+    a.mov(ebx, dword_ptr(r15 + 0x14))?;
+    a.lea(rsi, qword_ptr(r15 + BOOT_INFO_ENTRIES as i32))?;
+    a.set_label(&mut dev_loop)?;
+    a.test(ebx, ebx)?;
+    a.jz(dev_done)?;
+    a.mov(r8, qword_ptr(rsi + 0x28))?;
+    a.mov(r9, qword_ptr(rsi + 0x30))?;
+    a.push(rsi)?;
+    a.call(routine)?;
+    a.pop(rsi)?;
+    a.add(rsi, 0x40)?;
+    a.dec(ebx)?;
+    a.jmp(dev_loop)?;
+    a.set_label(&mut dev_done)?;
+    // The caller's next instruction may carry a label of its own.
+    a.nop()
+}
+
 /// The qword the guest keeps at `gpa` after `round`.
 pub fn expected(gpa: u64, round: u64) -> u64 {
     gpa.wrapping_mul(K_ADDR).wrapping_add(round.wrapping_mul(K_ROUND))
@@ -36,9 +69,6 @@ pub fn program() -> Result<GuestProgram, GuestError> {
     super::asm::program("migrate-verify", |a| {
         let mut pass = a.create_label();
         let mut round_loop = a.create_label();
-        let mut no_ram = a.create_label();
-        let mut dev_loop = a.create_label();
-        let mut dev_done = a.create_label();
         let mut delay = a.create_label();
         let mut delay_done = a.create_label();
         let mut no_print = a.create_label();
@@ -64,29 +94,7 @@ pub fn program() -> Result<GuestProgram, GuestError> {
         a.set_label(&mut round_loop)?;
         a.mov(r10, K_ADDR)?;
         a.mov(r11, K_ROUND)?;
-        // Guest RAM above WORK_BASE.
-        a.mov(r8, WORK_BASE)?;
-        a.mov(r9, qword_ptr(r15 + 0x08))?;
-        a.cmp(r9, r8)?;
-        a.jbe(no_ram)?;
-        a.sub(r9, r8)?;
-        a.call(pass)?;
-        a.set_label(&mut no_ram)?;
-        // Every device region.
-        a.mov(ebx, dword_ptr(r15 + 0x14))?;
-        a.lea(rsi, qword_ptr(r15 + BOOT_INFO_ENTRIES as i32))?;
-        a.set_label(&mut dev_loop)?;
-        a.test(ebx, ebx)?;
-        a.jz(dev_done)?;
-        a.mov(r8, qword_ptr(rsi + 0x28))?;
-        a.mov(r9, qword_ptr(rsi + 0x30))?;
-        a.push(rsi)?;
-        a.call(pass)?;
-        a.pop(rsi)?;
-        a.add(rsi, 0x40)?;
-        a.dec(ebx)?;
-        a.jmp(dev_loop)?;
-        a.set_label(&mut dev_done)?;
+        for_each_memory_area(a, pass)?;
         // Throttle.
         a.mov(rcx, r13)?;
         a.set_label(&mut delay)?;

@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use dmhost_plugin_api::{backend::parse_size, backend::PAGE_SIZE, parse_config, PluginError};
+use dmhost_plugin_api::{backend::ConfigSize as Size, backend::PAGE_SIZE, parse_config, PluginError};
 use serde::Deserialize;
 
 use crate::KIND;
@@ -92,23 +92,6 @@ struct Raw {
     addr: Option<u64>,
 }
 
-/// A size as a number of bytes or a string such as "130M".
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Size {
-    Bytes(u64),
-    Text(String),
-}
-
-impl Size {
-    fn bytes(&self) -> Result<u64, ConfigError> {
-        match self {
-            Size::Bytes(n) => Ok(*n),
-            Size::Text(s) => parse_size(s).map_err(ConfigError::Size),
-        }
-    }
-}
-
 impl NvdimmConfig {
     /// Parse and validate untrusted JSON text.
     pub fn parse(text: &str) -> Result<Self, PluginError> {
@@ -117,12 +100,12 @@ impl NvdimmConfig {
     }
 
     fn validate(raw: Raw) -> Result<Self, ConfigError> {
-        let size = raw.size.bytes()?;
+        let size = raw.size.bytes().map_err(ConfigError::Size)?;
         if size == 0 || size % PAGE_SIZE != 0 {
             return Err(ConfigError::SizeNotPageAligned(size));
         }
         let label_size = match &raw.label_size {
-            Some(s) => s.bytes()?,
+            Some(s) => s.bytes().map_err(ConfigError::Size)?,
             None => DEFAULT_LABEL_SIZE,
         };
         if label_size != 0 && label_size < MIN_LABEL_SIZE {

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use dmhost_plugin_api::{backend::parse_size, parse_config, PluginError};
+use dmhost_plugin_api::{backend::ConfigSize as Size, parse_config, PluginError};
 use serde::Deserialize;
 
 use crate::KIND;
@@ -31,23 +31,6 @@ struct Raw {
     node: u32,
     slot: Option<u32>,
     addr: Option<u64>,
-}
-
-/// A size as a number of bytes or a string such as "128M".
-#[derive(Deserialize)]
-#[serde(untagged)]
-pub enum Size {
-    Bytes(u64),
-    Text(String),
-}
-
-impl Size {
-    pub fn bytes(&self) -> Result<u64, String> {
-        match self {
-            Size::Bytes(n) => Ok(*n),
-            Size::Text(s) => parse_size(s),
-        }
-    }
 }
 
 impl PcDimmConfig {

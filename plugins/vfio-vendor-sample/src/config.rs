@@ -1,6 +1,6 @@
 //! The sample driver's configuration (JSON, kebab-case).
 
-use dmhost_plugin_api::{backend::parse_size, parse_config, PluginError};
+use dmhost_plugin_api::{backend::ConfigSize as Size, parse_config, PluginError};
 use serde::Deserialize;
 
 use crate::{pages::PAGE_SIZE, DRIVER_NAME};
@@ -38,21 +38,13 @@ struct Raw {
     seed: Option<u64>,
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Size {
-    Bytes(u64),
-    Text(String),
-}
-
 impl SampleConfig {
     pub fn parse(text: &str) -> Result<Self, PluginError> {
         let raw: Raw = parse_config(DRIVER_NAME, text)?;
         let state_size = match raw.state_size {
             None => 64 << 20,
-            Some(Size::Bytes(n)) => n,
-            Some(Size::Text(s)) => {
-                parse_size(&s).map_err(|e| PluginError::config(format!("{DRIVER_NAME} state-size: {e}")))?
+            Some(s) => {
+                s.bytes().map_err(|e| PluginError::config(format!("{DRIVER_NAME} state-size: {e}")))?
             }
         };
         if state_size == 0 || state_size % PAGE_SIZE as u64 != 0 || state_size > MAX_STATE_SIZE {
