@@ -237,6 +237,10 @@ impl Sender<'_> {
         rounds: u32,
         started: Instant,
     ) -> Result<Summary, MigrationError> {
+        // What is still in flight would be drained with the guest stopped:
+        // let the destination catch up first.
+        self.out.flush()?;
+        wait_drained(self.out.get_ref(), DRAIN_TIMEOUT);
         let stop = Instant::now();
         self.vm.pause()?;
         self.progress.set_status(Status::Device);
@@ -586,6 +590,35 @@ fn explain(e: MigrationError, ret: Option<MigrationStream>) -> MigrationError {
             MigrationError::Refused(line["error: ".len()..].trim_end().to_owned())
         }
         _ => e,
+    }
+}
+
+/// Longest wait for the destination to consume what is in flight.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Wait until the socket's send queue is empty (the destination has read
+/// everything written), or `timeout`. Socket buffers here grow to tens of
+/// MiB: drained after the guest stopped, they were most of the downtime.
+fn wait_drained(stream: &MigrationStream, timeout: Duration) {
+    use std::os::fd::AsRawFd;
+    let fd = match stream {
+        MigrationStream::Tcp(s) => s.as_raw_fd(),
+        MigrationStream::Unix(s) => s.as_raw_fd(),
+        _ => return,
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int: bytes not yet sent
+        // (TCP: not yet acknowledged) on this socket.
+        if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) } < 0 || queued == 0 {
+            return;
+        }
+        if Instant::now() >= deadline {
+            log::debug!("migration: {queued} bytes still in flight at the switch-over");
+            return;
+        }
+        std::thread::sleep(Duration::from_micros(200));
     }
 }
 
