@@ -358,6 +358,9 @@ impl Sender<'_> {
         started: Instant,
     ) -> Result<Summary, MigrationError> {
         let mut ret = ack.ok_or_else(|| MigrationError::Incoming("post-copy needs a return path".into()))?;
+        // As in `switch_over`: let what is in flight drain while the guest runs.
+        self.out.flush()?;
+        wait_drained(self.out.get_ref(), DRAIN_TIMEOUT);
         let stop = Instant::now();
         self.vm.pause()?;
         self.progress.set_status(Status::Device);
