@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::process::{assert_verified, dmhost, VmProcess};
+use common::process::{assert_verified, dmhost, label_area_digest, nvdimm_label_image, VmProcess};
 
 use dmhost::{control_client::ControlClient, testing::kvm_or_skip};
 use serde_json::json;
@@ -162,14 +162,7 @@ fn nvdimm_label_area_migrates_though_the_guest_cannot_see_it() {
     // The source's NVDIMM is a shared file whose label area (its last
     // 128 KiB) holds a pattern; the destination's is a fresh memfd, so only
     // the migration can bring the labels over.
-    let (size, label) = (4usize << 20, 128usize << 10);
-    let mut image = vec![0u8; size];
-    for (i, b) in image[size - label..].iter_mut().enumerate() {
-        *b = (i * 7 + 3) as u8;
-    }
-    let want = crc32c::crc32c(&image[size - label..]);
-    let file = dir.path().join("nv0.img");
-    std::fs::write(&file, &image).unwrap();
+    let (file, want) = nvdimm_label_image(dir.path());
     let src_cfg = write_config_with(
         dir.path(),
         "src.toml",
@@ -184,18 +177,8 @@ fn nvdimm_label_area_migrates_though_the_guest_cannot_see_it() {
     let out = migrate(&sock, &uri, &["--keep-source"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
-    let digest = |sock: &Path| {
-        let mut c = ControlClient::connect(sock).unwrap();
-        let r = c
-            .execute(
-                "x-query-ram-digest",
-                json!({"block": "nv0/ram", "offset": size - label, "length": label}),
-            )
-            .unwrap();
-        r["crc32c"].as_u64().unwrap() as u32
-    };
-    assert_eq!(digest(&sock), want, "source label area");
-    assert_eq!(digest(&dsock), want, "destination label area");
+    assert_eq!(label_area_digest(&sock), want, "source label area");
+    assert_eq!(label_area_digest(&dsock), want, "destination label area");
     ControlClient::connect(&sock).unwrap().execute("quit", json!({})).unwrap();
     assert_eq!(src.finish(Duration::from_secs(20)).0, 0);
     let (code, out, err) = dst.finish(Duration::from_secs(60));

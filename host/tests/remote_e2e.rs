@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::process::{assert_verified, dmhost, VmProcess};
+use common::process::{assert_verified, dmhost, label_area_digest, nvdimm_label_image, VmProcess};
 use dmhost::{
     config::Isolation, control_client::ControlClient, devices::DeviceImpl, loader::PluginRegistry,
     migration::machine::block_bytes, remote, testing::kvm_or_skip, vm::vcpu::VmExit,
@@ -43,14 +43,7 @@ fn isolated_pc_dimm_and_nvdimm_migrate_every_page_and_the_label_area() {
     let rounds = 400;
     // The source's NVDIMM is a shared file with a pattern in its label area
     // (the guest cannot see it); the destination's is a fresh memfd.
-    let (size, label) = (4usize << 20, 128usize << 10);
-    let mut image = vec![0u8; size];
-    for (i, b) in image[size - label..].iter_mut().enumerate() {
-        *b = (i * 7 + 3) as u8;
-    }
-    let want = crc32c::crc32c(&image[size - label..]);
-    let file = dir.path().join("nv0.img");
-    std::fs::write(&file, &image).unwrap();
+    let (file, want) = nvdimm_label_image(dir.path());
     let src_cfg = config(
         dir.path(),
         "src.toml",
@@ -68,18 +61,8 @@ fn isolated_pc_dimm_and_nvdimm_migrate_every_page_and_the_label_area() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
-    let digest = |sock: &Path| {
-        let mut c = ControlClient::connect(sock).unwrap();
-        let r = c
-            .execute(
-                "x-query-ram-digest",
-                json!({"block": "nv0/ram", "offset": size - label, "length": label}),
-            )
-            .unwrap();
-        r["crc32c"].as_u64().unwrap() as u32
-    };
-    assert_eq!(digest(&sock), want, "source label area");
-    assert_eq!(digest(&dsock), want, "destination label area");
+    assert_eq!(label_area_digest(&sock), want, "source label area");
+    assert_eq!(label_area_digest(&dsock), want, "destination label area");
     // Both devices run in their own process on both sides.
     let devices = ControlClient::connect(&dsock).unwrap().execute("query-devices", json!({})).unwrap();
     assert_eq!(devices.as_array().map(Vec::len), Some(2), "{devices}");

@@ -8,12 +8,12 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
+
+use common::process::{dmhost, VmProcess};
 
 use dmhost::{
     devices::DeviceFactory,
@@ -169,12 +169,8 @@ fn msi_from_the_device_reaches_the_local_apic_through_a_gsi_route() {
 
 // ---- two processes -------------------------------------------------------
 
-fn dmhost() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_dmhost"));
-    c.arg("--plugin-dir").arg(common::target_dir());
-    c.env("RUST_LOG", "warn,dmhost::migration=info,vfio_pci=debug,vfio_vendor_sample=info");
-    c
-}
+/// Log filter of the migration test: it reads the driver's digest lines.
+const LOG: &str = "warn,dmhost::migration=info,vfio_pci=debug,vfio_vendor_sample=info";
 
 /// The migration VM: vfio-verify over a 64 MiB device state that the
 /// device keeps changing (background thread) while the guest runs.
@@ -189,76 +185,6 @@ pub fn write_config(dir: &Path, precopy: bool, rounds: u64) -> PathBuf {
     let p = dir.join(if precopy { "vfio-precopy.toml" } else { "vfio-stopcopy.toml" });
     std::fs::write(&p, cfg).unwrap();
     p
-}
-
-struct Proc {
-    child: Child,
-    out: Arc<Mutex<Vec<String>>>,
-    err: Arc<Mutex<Vec<String>>>,
-}
-
-fn collect(r: impl std::io::Read + Send + 'static, sink: Arc<Mutex<Vec<String>>>) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(r).lines().map_while(Result::ok) {
-            sink.lock().unwrap().push(line);
-        }
-    });
-}
-
-impl Proc {
-    fn spawn(config: &Path, args: &[&str]) -> Self {
-        let mut child = dmhost()
-            .arg("run")
-            .arg(config)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (out, err) = (Arc::new(Mutex::new(Vec::new())), Arc::new(Mutex::new(Vec::new())));
-        collect(child.stdout.take().unwrap(), out.clone());
-        collect(child.stderr.take().unwrap(), err.clone());
-        Self { child, out, err }
-    }
-
-    fn wait_line(&self, stderr: bool, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let lines = if stderr { &self.err } else { &self.out };
-            if let Some(l) = lines.lock().unwrap().iter().find(|l| l.contains(needle)) {
-                return l.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?}: stdout {:?} stderr {:?}",
-                self.out.lock().unwrap(),
-                self.err.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn finish(mut self, timeout: Duration) -> (i32, Vec<String>, Vec<String>) {
-        let deadline = Instant::now() + timeout;
-        let code = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s.code().unwrap_or(-1);
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "VM did not exit; stdout {:?} stderr {:?}",
-                    self.out.lock().unwrap(),
-                    self.err.lock().unwrap()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        std::thread::sleep(Duration::from_millis(100));
-        let out = self.out.lock().unwrap().clone();
-        let err = self.err.lock().unwrap().clone();
-        (code, out, err)
-    }
 }
 
 fn digest_in(lines: &[String], what: &str) -> String {
@@ -282,11 +208,11 @@ fn vfio_vm_migrates_between_processes_with_device_state_in_precopy() {
     let dir = tempfile::tempdir().unwrap();
     let rounds = 4000;
     let cfg = write_config(dir.path(), true, rounds);
-    let dst = Proc::spawn(&cfg, &["--incoming", "tcp:127.0.0.1:0"]);
+    let (dst, _) = VmProcess::spawn_logged(&["--incoming", "tcp:127.0.0.1:0"], &cfg, LOG);
     let line = dst.wait_line(true, "waiting for an incoming migration on ", Duration::from_secs(30));
     let uri = line.split("waiting for an incoming migration on ").nth(1).unwrap().trim().to_owned();
     let sock = dir.path().join("src.sock");
-    let src = Proc::spawn(&cfg, &["--control", sock.to_str().unwrap()]);
+    let (src, _) = VmProcess::spawn_logged(&["--control", sock.to_str().unwrap()], &cfg, LOG);
     src.wait_line(false, "vfio-verify: round 0x0000000000000020", Duration::from_secs(30));
 
     let out = dmhost().args(["migrate", "--control", sock.to_str().unwrap(), "--to", &uri]).output().unwrap();

@@ -41,11 +41,16 @@ fn collect(
 impl VmProcess {
     /// `dmhost run CONFIG ARGS...`; stderr lines also go to the receiver.
     pub fn spawn(args: &[&str], config: &Path) -> (Self, mpsc::Receiver<String>) {
+        Self::spawn_logged(args, config, "info")
+    }
+
+    /// [`spawn`](Self::spawn) with `RUST_LOG=rust_log`.
+    pub fn spawn_logged(args: &[&str], config: &Path, rust_log: &str) -> (Self, mpsc::Receiver<String>) {
         let mut child = dmhost()
             .arg("run")
             .arg(config)
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -84,14 +89,26 @@ impl VmProcess {
     }
 
     pub fn wait_stdout(&self, needle: &str, timeout: Duration) {
+        self.wait_line(false, needle, timeout);
+    }
+
+    /// The first line of stdout (or stderr) containing `needle`, waiting
+    /// up to `timeout` for it.
+    pub fn wait_line(&self, stderr: bool, needle: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if self.out.lock().unwrap().iter().any(|l| l.contains(needle)) {
-                return;
+        loop {
+            let lines = if stderr { &self.err } else { &self.out };
+            if let Some(l) = lines.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return l.clone();
             }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?}: stdout {:?} stderr {:?}",
+                self.out.lock().unwrap(),
+                self.err.lock().unwrap()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("no {needle:?} in stdout: {:?}", self.out.lock().unwrap());
     }
 
     /// Wait for the exit: (code, stdout lines, stderr lines).
@@ -123,4 +140,32 @@ pub fn assert_verified(code: i32, out: &[String], err: &[String], rounds: u64) {
     let want = format!("migrate-verify: 0x{rounds:016x} rounds verified");
     assert_eq!(code, 0, "stdout {out:?}\nstderr {err:?}");
     assert!(out.contains(&want), "no {want:?} in {out:?}");
+}
+
+/// Size of the NVDIMM the label-area tests use, and of its label area.
+pub const NV_SIZE: usize = 4 << 20;
+pub const NV_LABEL: usize = 128 << 10;
+
+/// A 4 MiB NVDIMM backing file in `dir` whose label area (its last
+/// 128 KiB) holds a pattern; returns the file and the CRC32C of that area.
+pub fn nvdimm_label_image(dir: &Path) -> (PathBuf, u32) {
+    let mut image = vec![0u8; NV_SIZE];
+    for (i, b) in image[NV_SIZE - NV_LABEL..].iter_mut().enumerate() {
+        *b = (i * 7 + 3) as u8;
+    }
+    let file = dir.join("nv0.img");
+    std::fs::write(&file, &image).unwrap();
+    (file, crc32c::crc32c(&image[NV_SIZE - NV_LABEL..]))
+}
+
+/// CRC32C of device `nv0`'s label area, asked of the VM at `sock`.
+pub fn label_area_digest(sock: &Path) -> u32 {
+    let mut c = dmhost::control_client::ControlClient::connect(sock).unwrap();
+    let r = c
+        .execute(
+            "x-query-ram-digest",
+            serde_json::json!({"block": "nv0/ram", "offset": NV_SIZE - NV_LABEL, "length": NV_LABEL}),
+        )
+        .unwrap();
+    r["crc32c"].as_u64().unwrap() as u32
 }
