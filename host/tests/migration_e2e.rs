@@ -73,7 +73,9 @@ fn snapshot_to_file_and_restore_in_a_new_process() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let rounds = 300;
+    // Enough rounds (~7 s) that the source cannot finish before the
+    // snapshot, even on a loaded machine.
+    let rounds = 1000;
     let cfg = write_config(dir.path(), rounds, true);
     let snap = dir.path().join("vm.snap");
     let (src, sock) = VmProcess::source(dir.path(), &cfg);
