@@ -72,14 +72,13 @@ pub fn incoming_with(
         }
         (Ok(_), Some(mut ack)) => {
             // Resume only if the source heard us: otherwise it resumes too.
-            writeln!(ack, "{ACK_OK}")
-                .and_then(|_| ack.flush())
+            reply(&mut ack, ACK_OK)
                 .map_err(|e| MigrationError::NoAck(format!("cannot acknowledge to the source: {e}")))?;
             progress.set_status(Status::Completed);
         }
         (Err(e), Some(mut ack)) => {
             progress.fail(e.to_string(), false);
-            let _ = writeln!(ack, "error: {e}");
+            let _ = reply(&mut ack, &format!("error: {e}"));
         }
         (Ok(_), None) => progress.set_status(Status::Completed),
         (Err(e), None) => progress.fail(e.to_string(), false),
@@ -95,6 +94,16 @@ pub fn incoming_with(
     }
     listener.close();
     result
+}
+
+/// One line to the source on the return path, sent at once in one
+/// segment: the stream socket has Nagle on, and a line split over several
+/// writes could be held back until the close, whose RST (the source's
+/// data is still unread) would discard it.
+fn reply(ack: &mut MigrationStream, line: &str) -> std::io::Result<()> {
+    ack.set_nodelay();
+    ack.write_all(format!("{line}\n").as_bytes())?;
+    ack.flush()
 }
 
 fn load(
