@@ -215,6 +215,43 @@ fn filled_file(path: &Path, size: u64) {
     }
 }
 
+/// The destination's floor for (b), in MB/s: placing `size` bytes into
+/// fresh shared memory (tmpfs, which is what a memfd is) with `pwrite` from
+/// a hot 32 KiB buffer. Every protocol must do this for each non-zero page;
+/// on this nested host it, not the network, bounds (b). Best of three.
+fn fresh_shmem_ceiling(size: u64) -> f64 {
+    use std::os::unix::fs::FileExt;
+    let chunk = vec![0x5au8; 32 << 10];
+    let best = (0..3)
+        .map(|_| {
+            let f = tempfile::tempfile_in("/dev/shm").unwrap();
+            let t = Instant::now();
+            for at in (0..size).step_by(chunk.len()) {
+                f.write_all_at(&chunk, at).unwrap();
+            }
+            t.elapsed()
+        })
+        .min()
+        .unwrap();
+    size as f64 / best.as_secs_f64() / 1e6
+}
+
+/// Run `case` `n` times, print each, and return the run with the median
+/// total time.
+fn median(n: usize, name: &str, mut case: impl FnMut() -> Outcome) -> Outcome {
+    let mut runs: Vec<Outcome> = (0..n)
+        .map(|_| {
+            let o = case();
+            row(name, &o);
+            o
+        })
+        .collect();
+    runs.sort_by_key(|o| o.total);
+    let m = runs[n / 2];
+    println!("  {name} median: {:.1} ms, {:.0} MB/s", m.total.as_secs_f64() * 1e3, m.mbps());
+    m
+}
+
 fn row(name: &str, o: &Outcome) {
     println!(
         "  {name:<8} total {:>8.1} ms  downtime {:>6.1} ms  {:>8} MB sent  {:>8.0} MB/s",
@@ -263,31 +300,37 @@ fn main() {
     }
 
     println!("(b) 1 GiB guest full of non-zero data");
-    let b = dmhost_case(
-        d,
-        "fill",
-        "ram = \"1G\"\nprogram = \"builtin:fill-idle\"\n",
-        "fill-idle: filled",
-        lifted.clone(),
-    );
-    row("dmhost", &b);
+    // Fresh memory on this host costs a fault in the outer hypervisor
+    // (free pages are reported back to it), which swings single runs by
+    // 3x: each side runs three times and the median counts.
+    let b = median(3, "dmhost", || {
+        dmhost_case(
+            d,
+            "fill",
+            "ram = \"1G\"\nprogram = \"builtin:fill-idle\"\n",
+            "fill-idle: filled",
+            lifted.clone(),
+        )
+    });
     if with_qemu {
         let file = d.join("filled.img");
         filled_file(&file, 1 << 30);
         let src = format!("memory-backend-file,id=m0,size=1G,mem-path={},share=on", file.display());
-        let q = qemu_case(
-            d,
-            "fill",
-            &["-m", "1G", "-object", &src, "-machine", "pc,memory-backend=m0"],
-            &[
-                "-m",
-                "1G",
-                "-object",
-                "memory-backend-memfd,id=m0,size=1G",
-                "-machine",
-                "pc,memory-backend=m0",
-            ],
-        );
+        let q = median(3, "QEMU", || {
+            qemu_case(
+                d,
+                "fill",
+                &["-m", "1G", "-object", &src, "-machine", "pc,memory-backend=m0"],
+                &[
+                    "-m",
+                    "1G",
+                    "-object",
+                    "memory-backend-memfd,id=m0,size=1G",
+                    "-machine",
+                    "pc,memory-backend=m0",
+                ],
+            )
+        });
         row("QEMU", &q);
         println!(
             "  ratio: dmhost throughput {:.1}x QEMU's; total time {:.1}x faster; downtime {:.1} ms vs {:.1} ms",
@@ -295,6 +338,13 @@ fn main() {
             q.total.as_secs_f64() / b.total.as_secs_f64(),
             b.downtime.as_secs_f64() * 1e3,
             q.downtime.as_secs_f64() * 1e3
+        );
+        let ceiling = fresh_shmem_ceiling(1 << 30);
+        println!(
+            "  ceiling: placing 1 GiB into fresh shared memory runs at {ceiling:.0} MB/s here, {:.1}x QEMU's \
+             throughput: no destination can beat that; dmhost reaches {:.0}% of it",
+            ceiling / q.mbps(),
+            100.0 * b.mbps() / ceiling
         );
     }
 

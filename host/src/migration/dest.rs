@@ -128,6 +128,8 @@ fn load(
             )))
         }
     };
+    // Until the guest is about to run: RAM loads faster so (KvmVm::detach_slots).
+    let slots = vm.detach_memory_slots()?;
     let blocks: BTreeMap<String, _> = vm.ram_blocks().into_iter().map(|b| (b.name.clone(), b)).collect();
     let devs: BTreeMap<String, Arc<HostDevice>> =
         devices(vm).into_iter().map(|d| (d.id.clone(), d)).collect();
@@ -218,6 +220,7 @@ fn load(
                 let ret = ret
                     .take()
                     .ok_or_else(|| MigrationError::Incoming("post-copy needs a return path".into()))?;
+                slots.attach()?;
                 got.bytes = reader.offset();
                 got.postcopy = true;
                 progress.set_status(Status::PostcopyActive);
@@ -236,6 +239,7 @@ fn load(
     if postcopy.is_some() {
         return Err(MigrationError::Incoming("post-copy was announced but the stream ended".into()));
     }
+    slots.attach()?;
     finish_load(vm, &devs, vcpus, vm_state)?;
     got.bytes = reader.offset();
     Ok(got)

@@ -38,6 +38,8 @@ pub enum KvmError {
     DirtyLog { slot: u32, source: kvm_ioctls::Error },
     #[error("GSI {0} is out of range (0..{NUM_GSIS})")]
     BadGsi(u32),
+    #[error("the memory slots are detached from KVM (an incoming migration is loading)")]
+    Detached,
     #[error("interrupt request failed ({what})")]
     Irq { what: &'static str, source: kvm_ioctls::Error },
 }
@@ -56,6 +58,9 @@ struct Slots {
     used: BTreeMap<u32, Slot>,
     limit: usize,
     dirty_logging: bool,
+    /// The table is kept but KVM has none of the slots (see
+    /// [`KvmVm::detach_slots`]).
+    detached: bool,
 }
 
 /// A KVM VM with an in-kernel irqchip.
@@ -76,7 +81,11 @@ impl KvmVm {
         let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
         fd.create_pit2(pit).map_err(|source| KvmError::Setup { what: "create_pit2", source })?;
         let limit = kvm.get_nr_memslots();
-        Ok(Self { kvm, fd, slots: Mutex::new(Slots { used: BTreeMap::new(), limit, dirty_logging: false }) })
+        Ok(Self {
+            kvm,
+            fd,
+            slots: Mutex::new(Slots { used: BTreeMap::new(), limit, dirty_logging: false, detached: false }),
+        })
     }
 
     pub fn kvm(&self) -> &Kvm {
@@ -109,8 +118,10 @@ impl KvmVm {
             .find(|s| !slots.used.contains_key(s))
             .ok_or(KvmError::NoFreeSlot(slots.limit))?;
         let slot = Slot { slot: id, gpa, size, host_addr, read_only };
-        // SAFETY: the caller guarantees the host range outlives the slot.
-        unsafe { self.set_slot(&slot, slots.dirty_logging) }?;
+        if !slots.detached {
+            // SAFETY: the caller guarantees the host range outlives the slot.
+            unsafe { self.set_slot(&slot, slots.dirty_logging) }?;
+        }
         slots.used.insert(id, slot);
         log::debug!("kvm: slot {id} = gpa {gpa:#x} +{size:#x} (host {host_addr:#x})");
         Ok(slot)
@@ -120,9 +131,11 @@ impl KvmVm {
     pub fn remove_slot(&self, id: u32) -> Result<Slot, KvmError> {
         let mut slots = self.lock();
         let slot = *slots.used.get(&id).ok_or(KvmError::NoSuchSlot(id))?;
-        let empty = Slot { size: 0, ..slot };
-        // SAFETY: a zero-sized region deletes the slot; no memory is mapped.
-        unsafe { self.set_slot(&empty, false) }?;
+        if !slots.detached {
+            let empty = Slot { size: 0, ..slot };
+            // SAFETY: a zero-sized region deletes the slot; no memory is mapped.
+            unsafe { self.set_slot(&empty, false) }?;
+        }
         slots.used.remove(&id);
         log::debug!("kvm: slot {id} removed (gpa {:#x})", slot.gpa);
         Ok(slot)
@@ -163,11 +176,52 @@ impl KvmVm {
     /// Turn dirty-page logging on or off for every slot (and later ones).
     pub fn set_dirty_logging(&self, on: bool) -> Result<(), KvmError> {
         let mut slots = self.lock();
+        if slots.detached {
+            return Err(KvmError::Detached);
+        }
         for s in slots.used.values() {
             // SAFETY: re-registering an existing slot with the same live range.
             unsafe { self.set_slot(s, on) }?;
         }
         slots.dirty_logging = on;
+        Ok(())
+    }
+
+    /// Take every slot out of KVM, keeping the table: later adds and
+    /// removes update only the table until [`attach_slots`](Self::attach_slots)
+    /// gives KVM the slots again. The guest must not run meanwhile.
+    ///
+    /// Why: on this nested host, filling fresh pages of memory that backs a
+    /// KVM slot runs 2-4x slower than with the slot deleted (1 GiB written
+    /// with `pwrite` into a memfd: 0.67-1.35 s against 0.35-0.38 s), so an
+    /// incoming migration loads RAM with the slots detached.
+    pub fn detach_slots(&self) -> Result<(), KvmError> {
+        let mut slots = self.lock();
+        if slots.detached {
+            return Ok(());
+        }
+        for s in slots.used.values() {
+            // SAFETY: a zero-sized region deletes the slot; no memory is mapped.
+            unsafe { self.set_slot(&Slot { size: 0, ..*s }, false) }?;
+        }
+        slots.detached = true;
+        log::debug!("kvm: {} slots detached", slots.used.len());
+        Ok(())
+    }
+
+    /// Give KVM every slot of the table again.
+    pub fn attach_slots(&self) -> Result<(), KvmError> {
+        let mut slots = self.lock();
+        if !slots.detached {
+            return Ok(());
+        }
+        for s in slots.used.values() {
+            // SAFETY: every slot in the table has a live host range (the
+            // contract of add_slot), detached or not.
+            unsafe { self.set_slot(s, slots.dirty_logging) }?;
+        }
+        slots.detached = false;
+        log::debug!("kvm: {} slots attached", slots.used.len());
         Ok(())
     }
 
@@ -178,6 +232,9 @@ impl KvmVm {
     /// The dirty bitmap of `slot` (one bit per page), cleared by the read.
     pub fn get_and_clear_dirty_bitmap(&self, slot: u32) -> Result<Vec<u64>, KvmError> {
         let slots = self.lock();
+        if slots.detached {
+            return Err(KvmError::Detached);
+        }
         let s = slots.used.get(&slot).ok_or(KvmError::NoSuchSlot(slot))?;
         self.fd.get_dirty_log(slot, s.size as usize).map_err(|source| KvmError::DirtyLog { slot, source })
     }
@@ -223,4 +280,86 @@ fn borrow_eventfd(fd: RawFd) -> ManuallyDrop<EventFd> {
     // SAFETY: the EventFd is never dropped (ManuallyDrop), so the caller's
     // descriptor is not closed; KVM validates that it is an eventfd.
     ManuallyDrop::new(unsafe { EventFd::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether KVM holds a slot over `gpa`: registering a probe slot there
+    /// fails (EEXIST) exactly when another slot overlaps it.
+    fn kvm_has_slot_at(vm: &KvmVm, gpa: u64, host_addr: u64) -> bool {
+        const PROBE: u32 = 200;
+        let mut r = kvm_userspace_memory_region {
+            slot: PROBE,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: 4096,
+            userspace_addr: host_addr,
+        };
+        // SAFETY: the host page is a live mapping for the whole test, and
+        // the probe slot is deleted again at once.
+        match unsafe { vm.fd.set_user_memory_region(r) } {
+            Err(e) => {
+                assert_eq!(e.errno(), libc::EEXIST, "probe at {gpa:#x}: {e}");
+                true
+            }
+            Ok(()) => {
+                r.memory_size = 0;
+                // SAFETY: deletes the probe slot.
+                unsafe { vm.fd.set_user_memory_region(r) }.unwrap();
+                false
+            }
+        }
+    }
+
+    #[test]
+    fn detached_slots_leave_kvm_and_come_back_with_later_changes() {
+        if !crate::testing::kvm_or_skip("detached_slots_leave_kvm_and_come_back_with_later_changes") {
+            return;
+        }
+        let vm = KvmVm::new().unwrap();
+        let len = 4 * 4096;
+        // SAFETY: a fresh anonymous mapping, unmapped at the end of the
+        // test after the VM (and its slots) is gone.
+        let host = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(host, libc::MAP_FAILED);
+        let addr = host as u64;
+        {
+            // SAFETY: the mapping outlives the VM.
+            let a = unsafe { vm.add_slot(0, 2 * 4096, addr, false) }.unwrap();
+            assert!(kvm_has_slot_at(&vm, 0, addr));
+
+            vm.detach_slots().unwrap();
+            assert!(!kvm_has_slot_at(&vm, 0, addr), "a detached slot is gone from KVM");
+            assert!(matches!(vm.get_and_clear_dirty_bitmap(a.slot), Err(KvmError::Detached)));
+            assert!(matches!(vm.set_dirty_logging(true), Err(KvmError::Detached)));
+            // Changes while detached reach the table only...
+            // SAFETY: as above.
+            let b = unsafe { vm.add_slot(0x10000, 2 * 4096, addr + 2 * 4096, false) }.unwrap();
+            assert!(!kvm_has_slot_at(&vm, 0x10000, addr));
+            vm.remove_slot(a.slot).unwrap();
+            assert_eq!(vm.slots(), vec![b]);
+
+            // ...and KVM gets the table back.
+            vm.attach_slots().unwrap();
+            assert!(kvm_has_slot_at(&vm, 0x10000, addr));
+            assert!(!kvm_has_slot_at(&vm, 0, addr), "a slot removed while detached stays removed");
+            assert!(vm.get_and_clear_dirty_bitmap(b.slot).is_err(), "no dirty log without logging");
+            vm.set_dirty_logging(true).unwrap();
+            assert_eq!(vm.get_and_clear_dirty_bitmap(b.slot).unwrap().len(), 1);
+        }
+        drop(vm);
+        // SAFETY: the mapping made above; nothing refers to it any more.
+        unsafe { libc::munmap(host, len) };
+    }
 }

@@ -191,6 +191,30 @@ pub type DeviceListener = Arc<dyn Fn(&Vm) + Send + Sync>;
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u32 = 64;
 
+/// Memory slots taken out of KVM by [`Vm::detach_memory_slots`]; they go
+/// back with [`attach`](Self::attach), or on drop (logging a failure).
+pub struct DetachedSlots<'a> {
+    kvm: Option<&'a KvmVm>,
+}
+
+impl DetachedSlots<'_> {
+    /// Give KVM the slots again, before the guest runs.
+    pub fn attach(mut self) -> Result<(), VmError> {
+        match self.kvm.take() {
+            Some(k) => Ok(k.attach_slots()?),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for DetachedSlots<'_> {
+    fn drop(&mut self) {
+        if let Some(Err(e)) = self.kvm.take().map(KvmVm::attach_slots) {
+            log::error!("kvm: cannot attach the memory slots again: {e}");
+        }
+    }
+}
+
 /// A VM with its devices.
 pub struct Vm {
     shared: Arc<VmShared>,
@@ -453,6 +477,14 @@ impl Vm {
     /// Turn KVM dirty-page logging on or off for every memory slot.
     pub fn enable_dirty_logging(&self, on: bool) -> Result<(), VmError> {
         Ok(self.shared.kvm.set_dirty_logging(on)?)
+    }
+
+    /// Take the memory slots out of KVM until the guard is attached or
+    /// dropped (see [`KvmVm::detach_slots`] for why): for loading RAM
+    /// before the guest runs. The guest must not run meanwhile.
+    pub fn detach_memory_slots(&self) -> Result<DetachedSlots<'_>, VmError> {
+        self.shared.kvm.detach_slots()?;
+        Ok(DetachedSlots { kvm: Some(&self.shared.kvm) })
     }
 
     /// KVM's dirty bitmap of `slot` (one bit per page of the slot), cleared.
