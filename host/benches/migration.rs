@@ -331,7 +331,6 @@ fn main() {
                 ],
             )
         });
-        row("QEMU", &q);
         println!(
             "  ratio: dmhost throughput {:.1}x QEMU's; total time {:.1}x faster; downtime {:.1} ms vs {:.1} ms",
             b.mbps() / q.mbps(),
