@@ -272,6 +272,7 @@ impl<R: Read> StreamReader<R> {
                 section_type::END => 8,
                 section_type::POSTCOPY_PENDING => MAX_BITMAP_PAYLOAD,
                 section_type::POSTCOPY_RUN | section_type::POSTCOPY_RESUME => 0,
+                section_type::SYNC => 8,
                 _ if flags & FLAG_SKIPPABLE != 0 => MAX_SKIPPABLE_PAYLOAD,
                 _ => return Err(StreamError::UnknownSection { ty, at }),
             };
@@ -297,7 +298,8 @@ impl<R: Read> StreamReader<R> {
                 | section_type::END
                 | section_type::POSTCOPY_PENDING
                 | section_type::POSTCOPY_RUN
-                | section_type::POSTCOPY_RESUME => {
+                | section_type::POSTCOPY_RESUME
+                | section_type::SYNC => {
                     let payload = self.read_vec(len, "section payload")?;
                     self.check_trailer(ty, at, crc32c::crc32c(&payload))?;
                     return self.parse(ty, &payload);
@@ -432,6 +434,7 @@ impl<R: Read> StreamReader<R> {
             }
             section_type::POSTCOPY_RUN => Section::PostcopyRun,
             section_type::POSTCOPY_RESUME => Section::PostcopyResume,
+            section_type::SYNC => Section::Sync { token: p.u64()? },
             _ => {
                 let stored = p.u64()?;
                 p.end()?;
@@ -643,6 +646,7 @@ fn section_len_name(ty: u8) -> &'static str {
         section_type::END => "end section payload",
         section_type::POSTCOPY_PENDING => "post-copy pending section payload",
         section_type::POSTCOPY_RUN | section_type::POSTCOPY_RESUME => "post-copy marker payload",
+        section_type::SYNC => "sync section payload",
         _ => "skippable section payload",
     }
 }

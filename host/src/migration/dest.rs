@@ -27,7 +27,7 @@ use super::{
         retpath::RetMsg,
     },
     progress::{Progress, Status},
-    source::{MigrationError, ACK_OK},
+    source::{MigrationError, ACK_OK, SYNCED},
     MigrationListener, MigrationStream, Section, StreamReader,
 };
 
@@ -232,6 +232,14 @@ fn load(
                 return Err(MigrationError::Incoming(
                     "a post-copy resume stream, but no post-copy migration is paused here".into(),
                 ))
+            }
+            Section::Sync { token } => {
+                // Without a return path (a file) nobody waits for the answer.
+                if let Some(w) = ret.as_mut() {
+                    reply(w, &format!("{SYNCED} {token}")).map_err(|e| {
+                        MigrationError::NoAck(format!("cannot answer the source's sync: {e}"))
+                    })?;
+                }
             }
             Section::End { .. } => break,
         }

@@ -362,6 +362,17 @@ impl<W: Write> StreamWriter<W> {
         self.flush()
     }
 
+    /// A sync section (marked skippable: a 1.1 reader ignores it), flushed:
+    /// the destination answers `synced TOKEN` once everything before it is
+    /// loaded.
+    pub fn write_sync(&mut self, token: u64) -> Result<(), StreamError> {
+        if self.config.is_none() {
+            return Err(StreamError::Order("sync section before configuration"));
+        }
+        self.put_section(section_type::SYNC, FLAG_SKIPPABLE, &[&token.to_le_bytes()])?;
+        self.flush()
+    }
+
     /// A section of a type this version does not define, marked
     /// skippable: for tests of forward compatibility, and for sections a
     /// newer minor version adds.

@@ -15,7 +15,7 @@ pub const MAGIC: [u8; 8] = *b"\x89DMHMIG\n";
 pub const VERSION_MAJOR: u16 = 1;
 /// Format minor version this code writes. A reader accepts a newer minor: it
 /// may only add sections marked [`FLAG_SKIPPABLE`].
-pub const VERSION_MINOR: u16 = 1;
+pub const VERSION_MINOR: u16 = 2;
 /// Stream header: magic, major, minor, CRC32C of the preceding 12 bytes.
 pub const STREAM_HEADER_LEN: usize = 16;
 /// Section header: type, flags, reserved u16, payload length u32, CRC32C of
@@ -67,6 +67,9 @@ pub mod section_type {
     pub const POSTCOPY_RUN: u8 = 0x07;
     /// 1.1: this stream resumes a paused post-copy migration.
     pub const POSTCOPY_RESUME: u8 = 0x08;
+    /// 1.2, skippable: the destination answers `synced TOKEN` on the return
+    /// path once it has loaded everything before it.
+    pub const SYNC: u8 = 0x09;
 }
 
 /// Payload of a post-copy pending section at most (a bitmap of 2^31 pages).
@@ -297,6 +300,10 @@ pub enum Section {
     PostcopyRun,
     /// A stream that resumes a paused post-copy migration.
     PostcopyResume,
+    /// Everything before this section is loaded: answer `token`.
+    Sync {
+        token: u64,
+    },
 }
 
 impl Section {
@@ -310,6 +317,7 @@ impl Section {
             Section::PostcopyPending { .. } => section_type::POSTCOPY_PENDING,
             Section::PostcopyRun => section_type::POSTCOPY_RUN,
             Section::PostcopyResume => section_type::POSTCOPY_RESUME,
+            Section::Sync { .. } => section_type::SYNC,
         }
     }
 }
@@ -325,6 +333,7 @@ pub fn section_name(ty: u8) -> &'static str {
         section_type::POSTCOPY_PENDING => "post-copy pending",
         section_type::POSTCOPY_RUN => "post-copy run",
         section_type::POSTCOPY_RESUME => "post-copy resume",
+        section_type::SYNC => "sync",
         _ => "unknown",
     }
 }

@@ -12,7 +12,7 @@
 
 use std::{
     collections::HashMap,
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, ErrorKind, Read},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -30,7 +30,7 @@ use super::{
     extents::{dirty_pages, populated},
     machine::{block_bytes, config_section, devices, VcpuPayload},
     postcopy::{
-        retpath::{RetMsg, RetPathError},
+        retpath::{read_line_rest, RetMsg, RetPathError},
         source::{self as pc_source, PcBlock},
         AtomicBitmap,
     },
@@ -82,6 +82,12 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 /// The acknowledgement line a destination sends once it has loaded
 /// everything, before it resumes the guest.
 pub const ACK_OK: &str = "loaded";
+/// The destination's answer to a sync section: `synced TOKEN`.
+pub const SYNCED: &str = "synced";
+/// Longest wait, with the guest running, for the destination to load what
+/// was sent before the switch-over. A 1.1 destination skips the sync
+/// section and never answers: it costs this wait and nothing else.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(3);
 
 fn dev_err<'a>(d: &'a HostDevice, what: &'static str) -> impl FnOnce(PluginError) -> MigrationError + 'a {
     move |source| MigrationError::Device { id: d.id.clone(), what, source }
@@ -230,6 +236,54 @@ impl Sender<'_> {
         Ok(summary)
     }
 
+    /// Wait, with the guest still running, until the destination has
+    /// loaded everything sent so far: what is in flight (socket buffers
+    /// here grow to tens of MiB) would otherwise be loaded while the guest
+    /// is stopped, and count as downtime. Without a return path (a file)
+    /// there is nobody to wait for.
+    fn sync_destination(&mut self, ret: Option<&mut MigrationStream>) -> Result<(), MigrationError> {
+        let Some(ret) = ret else {
+            return Ok(());
+        };
+        let token = self.out.sections();
+        self.out.write_sync(token)?;
+        let want = format!("{SYNCED} {token}");
+        let started = Instant::now();
+        let result = loop {
+            let left = SYNC_TIMEOUT.saturating_sub(started.elapsed());
+            if left.is_zero() {
+                break Ok(false);
+            }
+            ret.set_read_timeout(Some(left));
+            let mut first = [0u8; 1];
+            match ret.read(&mut first) {
+                Ok(0) => break Err(MigrationError::NoAck("the destination closed the connection".into())),
+                Ok(_) => match read_line_rest(ret, first.to_vec()) {
+                    Ok(line) if line == want => break Ok(true),
+                    Ok(line) if line.starts_with(SYNCED) => continue,
+                    Ok(line) => {
+                        break Err(MigrationError::Refused(
+                            line.strip_prefix("error: ").unwrap_or(&line).to_owned(),
+                        ))
+                    }
+                    Err(e) => break Err(MigrationError::NoAck(e.to_string())),
+                },
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break Ok(false),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => break Err(MigrationError::NoAck(e.to_string())),
+            }
+        };
+        ret.set_read_timeout(None);
+        match result? {
+            true => log::debug!("migration: destination in sync after {:?}", started.elapsed()),
+            false => log::warn!(
+                "migration: the destination did not answer the sync section in {SYNC_TIMEOUT:?} \
+                 (format 1.1, or far behind); switching over anyway"
+            ),
+        }
+        Ok(())
+    }
+
     /// Stop the guest, send what is left, wait for the destination.
     fn switch_over(
         &mut self,
@@ -237,10 +291,8 @@ impl Sender<'_> {
         rounds: u32,
         started: Instant,
     ) -> Result<Summary, MigrationError> {
-        // What is still in flight would be drained with the guest stopped:
-        // let the destination catch up first.
-        self.out.flush()?;
-        wait_drained(self.out.get_ref(), DRAIN_TIMEOUT);
+        let mut ack = ack;
+        self.sync_destination(ack.as_mut())?;
         let stop = Instant::now();
         self.vm.pause()?;
         self.progress.set_status(Status::Device);
@@ -358,9 +410,7 @@ impl Sender<'_> {
         started: Instant,
     ) -> Result<Summary, MigrationError> {
         let mut ret = ack.ok_or_else(|| MigrationError::Incoming("post-copy needs a return path".into()))?;
-        // As in `switch_over`: let what is in flight drain while the guest runs.
-        self.out.flush()?;
-        wait_drained(self.out.get_ref(), DRAIN_TIMEOUT);
+        self.sync_destination(Some(&mut ret))?;
         let stop = Instant::now();
         self.vm.pause()?;
         self.progress.set_status(Status::Device);
@@ -596,48 +646,43 @@ fn explain(e: MigrationError, ret: Option<MigrationStream>) -> MigrationError {
     }
 }
 
-/// Longest wait for the destination to consume what is in flight.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Wait until the socket's send queue is empty (the destination has read
-/// everything written), or `timeout`. Socket buffers here grow to tens of
-/// MiB: drained after the guest stopped, they were most of the downtime.
-fn wait_drained(stream: &MigrationStream, timeout: Duration) {
-    use std::os::fd::AsRawFd;
-    let fd = match stream {
-        MigrationStream::Tcp(s) => s.as_raw_fd(),
-        MigrationStream::Unix(s) => s.as_raw_fd(),
-        _ => return,
-    };
-    let deadline = Instant::now() + timeout;
+/// Wait for the destination's "loaded" line on the return path (a late
+/// answer to a sync that timed out may come first).
+fn wait_ack(stream: MigrationStream) -> Result<(), MigrationError> {
+    stream.set_read_timeout(Some(ACK_TIMEOUT));
+    let mut r = BufReader::new(stream);
     loop {
-        let mut queued: libc::c_int = 0;
-        // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int: bytes not yet sent
-        // (TCP: not yet acknowledged) on this socket.
-        if unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) } < 0 || queued == 0 {
-            return;
-        }
-        if Instant::now() >= deadline {
-            log::debug!("migration: {queued} bytes still in flight at the switch-over");
-            return;
-        }
-        std::thread::sleep(Duration::from_micros(200));
+        let mut line = String::new();
+        r.read_line(&mut line).map_err(|e| MigrationError::NoAck(e.to_string()))?;
+        return match line.trim_end() {
+            ACK_OK => Ok(()),
+            "" => Err(MigrationError::NoAck("the connection closed".into())),
+            other if other.starts_with(SYNCED) => continue,
+            other => Err(MigrationError::Refused(other.strip_prefix("error: ").unwrap_or(other).to_owned())),
+        };
     }
 }
 
-/// Wait for the destination's "loaded" line on the return path.
-fn wait_ack(stream: MigrationStream) -> Result<(), MigrationError> {
-    if let MigrationStream::Tcp(s) = &stream {
-        let _ = s.set_read_timeout(Some(ACK_TIMEOUT));
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn ack_after(lines: &[u8]) -> Result<(), MigrationError> {
+        let (mut dst, src) = std::os::unix::net::UnixStream::pair().unwrap();
+        dst.write_all(lines).unwrap();
+        drop(dst);
+        wait_ack(MigrationStream::Unix(src))
     }
-    if let MigrationStream::Unix(s) = &stream {
-        let _ = s.set_read_timeout(Some(ACK_TIMEOUT));
-    }
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).map_err(|e| MigrationError::NoAck(e.to_string()))?;
-    match line.trim_end() {
-        ACK_OK => Ok(()),
-        "" => Err(MigrationError::NoAck("the connection closed".into())),
-        other => Err(MigrationError::Refused(other.strip_prefix("error: ").unwrap_or(other).to_owned())),
+
+    #[test]
+    fn the_ack_wait_skips_late_sync_answers_only() {
+        ack_after(b"synced 7\nloaded\n").unwrap();
+        match ack_after(b"synced 7\nerror: disk full\n") {
+            Err(MigrationError::Refused(why)) => assert_eq!(why, "disk full"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(ack_after(b"synced 7\n"), Err(MigrationError::NoAck(_))));
+        assert!(matches!(ack_after(b"weird\n"), Err(MigrationError::Refused(_))));
     }
 }

@@ -831,3 +831,22 @@ fn ram_read_into_a_memfd_through_the_file() {
     // SAFETY: unmapping the mapping created above.
     unsafe { libc::munmap(p, size) };
 }
+
+#[test]
+fn sync_section_round_trips_and_older_readers_may_skip_it() {
+    let mut w = StreamWriter::new(Vec::new()).unwrap();
+    assert!(matches!(w.write_sync(1), Err(StreamError::Order(_))));
+    w.write_config(&config()).unwrap();
+    let at = w.bytes_written() as usize;
+    w.write_sync(41).unwrap();
+    let bytes = w.finish().unwrap();
+    assert_eq!(bytes[at], section_type::SYNC);
+    assert_eq!(bytes[at + 1], FLAG_SKIPPABLE, "a 1.1 reader skips it");
+    let (sections, _) = read_all(&bytes).unwrap();
+    assert_eq!(sections[1..], [Section::Sync { token: 41 }, Section::End { sections: 2 }]);
+
+    let mut short = prefix();
+    short.extend(raw_section(section_type::SYNC, FLAG_SKIPPABLE, &[1, 2, 3]));
+    short.extend(end(2));
+    assert!(read_all(&short).is_err(), "a sync payload is exactly a u64");
+}

@@ -121,21 +121,24 @@ impl RetMsg {
     }
 
     /// Read one message, checked against `config` (blocks and page ranges).
+    /// Text lines come before post-copy: "error: …" ends the read with the
+    /// destination's reason; a late "synced …" answer is skipped.
     pub fn read(r: &mut impl Read, config: &ConfigSection) -> Result<Self, RetPathError> {
         let mut h = [0u8; SECTION_HEADER_LEN];
-        match r.read(&mut h[..1])? {
-            0 => return Err(RetPathError::Closed),
-            _ if h[0] == b'e' => {
-                // "error: …\n" from a destination that gave up.
-                let mut line = vec![h[0]];
-                let mut b = [0u8; 1];
-                while line.len() < 4096 && r.read(&mut b)? == 1 && b[0] != b'\n' {
-                    line.push(b[0]);
+        loop {
+            match r.read(&mut h[..1])? {
+                0 => return Err(RetPathError::Closed),
+                b if h[0].is_ascii_lowercase() => {
+                    let line = read_line_rest(r, h[..b].to_vec())?;
+                    if let Some(why) = line.strip_prefix("error: ") {
+                        return Err(RetPathError::Remote(why.to_owned()));
+                    }
+                    if !line.starts_with(crate::migration::source::SYNCED) {
+                        return Err(bad(format!("unexpected line {line:?}")));
+                    }
                 }
-                let line = String::from_utf8_lossy(&line).into_owned();
-                return Err(RetPathError::Remote(line.strip_prefix("error: ").unwrap_or(&line).to_owned()));
+                _ => break,
             }
-            _ => {}
         }
         r.read_exact(&mut h[1..]).map_err(eof)?;
         let crc = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
@@ -168,6 +171,20 @@ impl RetMsg {
         }
         parse(ty, &payload, config)
     }
+}
+
+/// Longest text line on the return path.
+const MAX_LINE: usize = 4096;
+
+/// Read a text line whose first bytes are `line`, up to its newline (not
+/// kept), a byte at a time: nothing after the line is consumed, so binary
+/// messages that follow stay in the socket.
+pub fn read_line_rest(r: &mut impl Read, mut line: Vec<u8>) -> io::Result<String> {
+    let mut b = [0u8; 1];
+    while line.len() < MAX_LINE && r.read(&mut b)? == 1 && b[0] != b'\n' {
+        line.push(b[0]);
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
 }
 
 fn eof(e: io::Error) -> RetPathError {
@@ -270,5 +287,17 @@ mod tests {
             Err(RetPathError::Remote(m)) => assert_eq!(m, "no space"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_late_sync_answer_is_skipped_and_other_lines_refused() {
+        let c = config();
+        let mut b = b"synced 3\n".to_vec();
+        b.extend(RetMsg::Ready.encode().unwrap());
+        let mut r = &b[..];
+        assert_eq!(RetMsg::read(&mut r, &c).unwrap(), RetMsg::Ready);
+        assert!(r.is_empty());
+        assert!(matches!(RetMsg::read(&mut &b"hello\n"[..], &c), Err(RetPathError::Malformed(_))));
+        assert!(matches!(RetMsg::read(&mut &b"synced 3\n"[..], &c), Err(RetPathError::Closed)));
     }
 }
