@@ -3,7 +3,8 @@
 //! NVDIMM `_DSM`s of the tables the host built), the `nvdimm-acpi` guest on
 //! real KVM with the real nvdimm and pc-dimm `.so` plugins, label
 //! persistence across two host processes, and memory hotplug seen through
-//! the ACPI registers after `device_add`/`device_del` on the control socket.
+//! the ACPI registers after `device_add`/`device_del` on the control socket,
+//! announced by the Generic Event Device.
 
 mod common;
 
@@ -17,7 +18,10 @@ use std::{
 };
 
 use dmhost::{
-    acpi_host::{AcpiConfig, AcpiHost},
+    acpi_host::{
+        ged::{EVT_MEMORY, EVT_NVDIMM, GED_GSI, GED_PORT},
+        AcpiConfig, AcpiHost,
+    },
     guest::{acpi_programs, asm::*, RegPreset, DSM_PAGE_GPA},
     loader::PluginRegistry,
     testing::kvm_or_skip,
@@ -155,6 +159,9 @@ fn test_ssdt() -> String {
     External (\_SB.NVDR.NV00._DSM, MethodObj)
     External (\_SB.M000._STA, MethodObj)
     External (\_SB.M001._CRS, MethodObj)
+    External (\_SB.GED_._EVT, MethodObj)
+    External (\_SB.GED_.ESEL, FieldUnitObj)
+    External (\_SB.MHPC.MINS, FieldUnitObj)
     OperationRegion (TRAM, SystemMemory, {DSM_PAGE_GPA:#x}, 0x1000)
     Field (TRAM, DWordAcc, NoLock, Preserve) {{ THDL, 32, TREV, 32, TFUN, 32, TA0, 32, TA1, 32, TA2, 32 }}
     Method (PKG, 1, Serialized) {{ Local1 = Package (1) {{0}} Local1 [0] = Arg0 Return (Local1) }}
@@ -172,6 +179,7 @@ fn test_ssdt() -> String {
     Method (TF5, 0) {{ DIMM (5, Buffer (8) {{0x10, 0, 0, 0, 0x20, 0, 0, 0}}) }}
     Method (TF6, 0) {{ DIMM (6, Buffer (12) {{0x10, 0, 0, 0, 0x04, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef}}) }}
     Method (TMEM, 0) {{ Debug = \_SB.M000._STA () Debug = \_SB.M001._CRS () }}
+    Method (TGED, 0) {{ \_SB.MHPC.MINS = 1 \_SB.GED_.ESEL = 3 \_SB.GED_._EVT (0) }}
 }}
 "#
     )
@@ -189,7 +197,7 @@ fn acpiexec_runs_the_dsm_methods_of_the_host_built_tables() {
         "acpiexec",
         &[
             "-b",
-            "execute \\TF4; execute \\TF5; execute \\TF6; execute \\TMEM",
+            "execute \\TF4; execute \\TF5; execute \\TF6; execute \\TMEM; execute \\TGED",
             "DSDT.dat",
             "SSDT1.dat",
             "SSDT2.dat",
@@ -223,6 +231,12 @@ fn acpiexec_runs_the_dsm_methods_of_the_host_built_tables() {
     want.push("Buffer [0x30]".to_owned());
     let got: Vec<&str> = debug.iter().map(String::as_str).collect();
     assert_eq!(got, want, "{out}");
+    // The GED's _EVT with both events: MSCN notifies the slots whose insert
+    // bit reads set (under acpiexec, every slot: its I/O is plain memory,
+    // so the bit reads back as written) and the NVDIMM root its FIT change.
+    let notifies: Vec<&str> = out.lines().filter(|l| l.contains("Notify on [")).collect();
+    assert!(notifies[0].contains("[M000]") && notifies[0].contains("Value 0x01 (Device Check)"), "{out}");
+    assert!(notifies.iter().any(|l| l.contains("[NVDR]") && l.contains("Value 0x80")), "{out}");
     // The status word of the "not supported" answers.
     assert_eq!(out.matches("0000: 01 00 00 00 ").count(), 3, "{out}");
     assert!(out.contains("0000: 8A 2B 00 00 0C 03 00 00 00 00 00 00 00 00 01 00"), "{out}");
@@ -392,12 +406,14 @@ fn memory_hotplug_is_visible_through_the_acpi_registers() {
     let mut c = Client::connect(&sock);
     let r = c.cmd("device_add", json!({"driver": "pc-dimm", "id": "hot0", "size": "4M"}));
     let gpa = r["return"]["region"][0].as_u64().unwrap_or_else(|| panic!("{r}"));
+    assert_eq!(next(), "mhp: GED events 0x0000000000000001");
     assert_eq!(
         next(),
         format!("mhp: slot 0 status 0x0000000000000003 base 0x{gpa:016x} size 0x0000000000400000")
     );
     assert_eq!(next(), "mhp: insert event cleared");
     assert_eq!(c.cmd("device_del", json!({"id": "hot0"})), json!({"return": {}}));
+    assert_eq!(next(), "mhp: GED events 0x0000000000000001");
     assert_eq!(
         next(),
         "mhp: slot 0 status 0x0000000000000004 base 0x0000000000000000 size 0x0000000000000000"
@@ -422,9 +438,11 @@ fn guest_eject_unplugs_the_dimm() {
     let mut c = Client::connect(&sock);
     let r = c.cmd("device_add", json!({"driver": "pc-dimm", "id": "hot0", "size": "4M"}));
     assert!(r["return"]["region"][0].as_u64().is_some(), "{r}");
+    assert_eq!(next(), "mhp: GED events 0x0000000000000001");
     assert!(next().starts_with("mhp: slot 0 status 0x0000000000000003"));
     assert_eq!(next(), "mhp: insert event cleared");
     assert_eq!(next(), "mhp: ejecting");
+    assert_eq!(next(), "mhp: GED events 0x0000000000000001");
     assert_eq!(
         next(),
         "mhp: slot 0 status 0x0000000000000004 base 0x0000000000000000 size 0x0000000000000000"
@@ -489,4 +507,44 @@ fn dsm_round_trip_cost_against_a_plain_port_exit() {
     );
     // One exit per call plus page copies: a few exits' worth at most.
     assert!(per_dsm / per_exit < 10.0, "{per_dsm} vs {per_exit}");
+}
+
+/// A hot-plug raises the GED's interrupt line (level, GSI 9) with the event
+/// bit of what changed, and a read of the GED register returns the events,
+/// clears them and drops the line, as the OS's `_EVT` does.
+#[test]
+fn hotplug_raises_the_ged_line_until_the_events_are_read() {
+    if !kvm_or_skip("hotplug_raises_the_ged_line_until_the_events_are_read") {
+        return;
+    }
+    let mut reg = PluginRegistry::default();
+    reg.load(&common::plugin_path("pc_dimm")).unwrap();
+    reg.load(&common::plugin_path("nvdimm")).unwrap();
+    let (vm, _serial) = common::vm_with_serial(8 << 20);
+    common::add(&vm, &reg, "pc-dimm", "boot0", r#"{"size":"2M"}"#);
+    let _acpi = AcpiHost::install(&vm, 1, AcpiConfig::default()).unwrap();
+    let line = || dmhost::pci::irq::ioapic_lines(&vm).unwrap().asserted(GED_GSI);
+    let events = || {
+        let mut b = [0u8; 4];
+        assert!(vm.bus().read(dmhost_plugin_api::IoSpace::Pio, GED_PORT.into(), &mut b));
+        u32::from_le_bytes(b)
+    };
+    assert!(!line(), "boot devices raise nothing");
+    assert_eq!(events(), 0);
+
+    common::add(&vm, &reg, "pc-dimm", "hot0", r#"{"size":"4M"}"#);
+    assert!(line(), "a DIMM plug raises the line");
+    assert_eq!(events(), EVT_MEMORY);
+    assert!(!line(), "the read dropped it");
+    assert_eq!(events(), 0, "and cleared the events");
+
+    common::add(&vm, &reg, "nvdimm", "nv0", r#"{"size":"4224K"}"#);
+    assert!(line());
+    assert_eq!(events(), EVT_NVDIMM, "a new FIT, no memory slot");
+
+    vm.remove_device("hot0").unwrap();
+    vm.remove_device("nv0").unwrap();
+    assert!(line());
+    assert_eq!(events(), EVT_MEMORY | EVT_NVDIMM, "events accumulate until read");
+    assert!(!line());
 }

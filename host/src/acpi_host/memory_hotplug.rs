@@ -19,16 +19,16 @@
 //! Base and length read 0 while the slot is empty; a selector past the
 //! last slot selects nothing (everything reads 0). A plug sets *enabled*
 //! and the insert event, an unplug clears *enabled* and sets the remove
-//! event. The host is hardware-reduced (no GPE block), so it cannot
-//! notify the OS: a guest polls the registers (or `_STA`), as the
-//! `builtin:memory-hotplug` program does.
+//! event. The host then raises the Generic Event Device's memory event
+//! ([`super::ged`]); its `_EVT` calls `MSCN`, which notifies each slot
+//! with an event (`MTFY`) and clears it, as QEMU's `MSCN`/`MTFY` do.
 
 use acpi_tables::{
     aml::{
         Acquire, Add, AddressSpace, AddressSpaceCacheable, Arg, CreateQWordField, Device, EISAName, Equal,
         FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If, LessThan, Local, Method, MethodCall,
-        Mutex, Name, OpRegion, OpRegionSpace, Or, Path, Release, ResourceTemplate, Return, ShiftLeft, Store,
-        Subtract, IO, ONE, ZERO,
+        Mutex, Name, Notify, OpRegion, OpRegionSpace, Or, Path, Release, ResourceTemplate, Return, ShiftLeft,
+        Store, Subtract, While, IO, ONE, ZERO,
     },
     Aml,
 };
@@ -232,7 +232,7 @@ fn render(items: &[&dyn Aml]) -> Raw {
 /// `M000`.. (`PNP0C80`) whose `_STA`, `_CRS` and `_EJ0` call MHPC's methods.
 pub fn aml(slots: u32) -> Vec<u8> {
     let mut out = Vec::new();
-    controller().to_aml_bytes(&mut out);
+    controller(slots.clamp(1, MAX_SLOTS)).to_aml_bytes(&mut out);
     for i in 0..slots.clamp(1, MAX_SLOTS) {
         slot_device(i).to_aml_bytes(&mut out);
     }
@@ -244,7 +244,7 @@ pub fn slot_name(i: u32) -> String {
     format!("M{:03X}", i & 0xfff)
 }
 
-fn controller() -> Raw {
+fn controller(slots: u32) -> Raw {
     let hid = Name::new("_HID".into(), &EISAName::new("PNP0A06"));
     let uid = Name::new("_UID".into(), &"Memory Hotplug Controller");
     let io = IO::new(MHP_PORT, MHP_PORT, 1, MHP_LEN as u8);
@@ -286,11 +286,13 @@ fn controller() -> Raw {
             FieldEntry::Named(*b"MOSC", 32),
         ],
     );
-    let (msta, mcrs, mej0) = (msta(), mcrs(), mej0());
+    let (msta, mcrs, mej0, mtfy, mscn) = (msta(), mcrs(), mej0(), mtfy(slots), mscn(slots));
     let mut v = Vec::new();
     Device::new(
         "MHPC".into(),
-        vec![&hid, &uid, &crs, &mlck, &region, &f_read, &f_flags, &f_write, &msta, &mcrs, &mej0],
+        vec![
+            &hid, &uid, &crs, &mlck, &region, &f_read, &f_flags, &f_write, &msta, &mcrs, &mej0, &mtfy, &mscn,
+        ],
     )
     .to_aml_bytes(&mut v);
     Raw(v)
@@ -352,6 +354,42 @@ fn mcrs() -> Raw {
             &release, &ret,
         ],
     )])
+}
+
+/// `MTFY (slot, event)`: `Notify` the slot's device (a Notify target must
+/// be a name, so one `If` per slot, as QEMU's).
+fn mtfy(slots: u32) -> Raw {
+    let (slot, event) = (Arg(0), Arg(1));
+    let numbers: Vec<u32> = (0..slots).collect();
+    let names: Vec<Path> = numbers.iter().map(|&i| Path::new(&slot_name(i))).collect();
+    let notifies: Vec<Notify> = names.iter().map(|n| Notify::new(n, &event)).collect();
+    let conds: Vec<Equal> = numbers.iter().map(|i| Equal::new(&slot, i)).collect();
+    let ifs: Vec<If> = conds.iter().zip(&notifies).map(|(c, n)| If::new(c, vec![n])).collect();
+    let body: Vec<&dyn Aml> = ifs.iter().map(|i| i as &dyn Aml).collect();
+    render(&[&Method::new("MTFY".into(), 2, true, body)])
+}
+
+/// `MSCN ()`: the GED's memory event: for every slot with an insert event
+/// `Notify (Mxxx, 1)` (device check), with a remove event
+/// `Notify (Mxxx, 3)` (eject request), clearing each event it reports.
+fn mscn(slots: u32) -> Raw {
+    let acquire = Acquire::new("MLCK".into(), 0xffff);
+    let start = Store::new(&Local(0), &ZERO);
+    let more = LessThan::new(&Local(0), &slots);
+    let (msel, mins, mrmv) = (Path::new("MSEL"), Path::new("MINS"), Path::new("MRMV"));
+    let sel = Store::new(&msel, &Local(0));
+    let inserted = Equal::new(&mins, &ONE);
+    let check = MethodCall::new("MTFY".into(), vec![&Local(0), &ONE]);
+    let clear_ins = Store::new(&mins, &ONE);
+    let if_ins = If::new(&inserted, vec![&check, &clear_ins]);
+    let removed = Equal::new(&mrmv, &ONE);
+    let eject = MethodCall::new("MTFY".into(), vec![&Local(0), &3u8]);
+    let clear_rmv = Store::new(&mrmv, &ONE);
+    let if_rmv = If::new(&removed, vec![&eject, &clear_rmv]);
+    let next = Add::new(&Local(0), &Local(0), &ONE);
+    let scan = While::new(&more, vec![&sel, &if_ins, &if_rmv, &next]);
+    let release = Release::new("MLCK".into());
+    render(&[&Method::new("MSCN".into(), 0, true, vec![&acquire, &start, &scan, &release])])
 }
 
 /// `MEJ0 (slot)`: request ejection.

@@ -13,11 +13,15 @@
 //!   capabilities structure when `nfit-platform-capabilities` is set. The
 //!   same structures feed `_FIT` ([`FitBuffer`]), kept current on every
 //!   plug/unplug.
+//! - Hot-plug events reach the OS through the Generic Event Device
+//!   `\_SB.GED_` ([`ged`]): an interrupt on GSI 9 and an event register
+//!   at port `0x0a1c` (memory slots changed, NVDIMM FIT changed).
 //! - `_DSM`: a 4-byte write to port `0x0a18` makes the host read the DSM
 //!   page, route the call by NFIT handle to the device listing it in
 //!   `dsm_handles()`, and write the reply over the page ([`dsm`]).
 
 pub mod dsm;
+pub mod ged;
 pub mod memory_hotplug;
 pub mod offline;
 
@@ -44,6 +48,7 @@ use crate::{
         Vm, VmShared,
     },
 };
+use ged::{Ged, EVT_MEMORY, EVT_NVDIMM, GED_GSI, GED_LEN, GED_PORT};
 use memory_hotplug::{MemoryDevice, MemoryHotplug, MHP_LEN, MHP_PORT};
 
 /// Bus owner of the host's ACPI ports (not a valid device id).
@@ -133,7 +138,8 @@ pub fn build_tables(
     vcpus: u32,
     config: &AcpiConfig,
 ) -> Result<BuiltTables, AcpiHostError> {
-    let sb = memory_hotplug::aml(config.memory_slots);
+    let mut sb = memory_hotplug::aml(config.memory_slots);
+    sb.extend(ged::aml());
     let mut set = TableSet::new(tables::dsdt(&sb, Some(DSM_PAGE_GPA)));
     set.add(tables::madt(&tables::MadtConfig::with_cpus(vcpus.clamp(1, 255) as u8)));
     let (mut nvdimms, mut others) = (0u32, 0u32);
@@ -181,6 +187,7 @@ pub struct AcpiHost {
     vm: Weak<VmShared>,
     dsm: Mutex<DsmState>,
     mhp: Mutex<MemoryHotplug>,
+    ged: Mutex<Ged>,
     image_len: Mutex<usize>,
     booted: AtomicBool,
     calls: AtomicU64,
@@ -200,6 +207,7 @@ impl AcpiHost {
     pub fn install(vm: &Vm, vcpus: u32, config: AcpiConfig) -> Result<Arc<Self>, AcpiHostError> {
         let host = Arc::new(Self {
             mhp: Mutex::new(MemoryHotplug::new(config.memory_slots)),
+            ged: Mutex::new(Ged::default()),
             config,
             vcpus,
             vm: Arc::downgrade(vm.shared()),
@@ -212,12 +220,15 @@ impl AcpiHost {
         });
         vm.ram().write(DSM_PAGE_GPA, &[0u8; dmhost_acpi::nvdimm::DSM_PAGE_SIZE]).map_err(GuestError::from)?;
         let dev = Arc::clone(&host) as Arc<dyn BusDevice>;
-        vm.bus().insert(IoSpace::Pio, MHP_PORT.into(), MHP_LEN.into(), BUS_OWNER, Arc::clone(&dev))?;
-        if let Err(e) =
-            vm.bus().insert(IoSpace::Pio, DSM_DOORBELL_PORT.into(), DSM_DOORBELL_LEN.into(), BUS_OWNER, dev)
+        for (port, len) in
+            [(MHP_PORT, MHP_LEN), (DSM_DOORBELL_PORT, DSM_DOORBELL_LEN.into()), (GED_PORT, GED_LEN)]
         {
-            vm.bus().remove_owner(BUS_OWNER);
-            return Err(e.into());
+            if let Err(e) =
+                vm.bus().insert(IoSpace::Pio, port.into(), len.into(), BUS_OWNER, Arc::clone(&dev))
+            {
+                vm.bus().remove_owner(BUS_OWNER);
+                return Err(e.into());
+            }
         }
         if let Err(e) = host.refresh(vm) {
             vm.bus().remove_owner(BUS_OWNER);
@@ -295,16 +306,32 @@ impl AcpiHost {
             vm.ram().write(ACPI_GPA, &bytes).map_err(GuestError::from)?;
             *len = built.image.bytes.len();
         }
+        let booted = self.booted.load(Ordering::Acquire);
+        let mut events = 0;
         {
             let mut st = lock(&self.dsm);
             if st.fit.structures() != built.fit.as_slice() {
                 st.fit.set(built.fit);
+                events |= EVT_NVDIMM;
             }
             st.handles = handles;
         }
-        let homeless = lock(&self.mhp).update(&memory, self.booted.load(Ordering::Acquire));
-        for id in homeless {
-            log::warn!("ACPI: no free memory hotplug slot for {id} ({} slots)", self.config.memory_slots);
+        {
+            let mut mhp = lock(&self.mhp);
+            let before = mhp.slots().to_vec();
+            let homeless = mhp.update(&memory, booted);
+            for id in homeless {
+                log::warn!("ACPI: no free memory hotplug slot for {id} ({} slots)", self.config.memory_slots);
+            }
+            if mhp.slots() != before.as_slice() {
+                events |= EVT_MEMORY;
+            }
+        }
+        if booted && events != 0 && lock(&self.ged).raise(events) {
+            log::debug!("ACPI: GED events {events:#x}, raising GSI {GED_GSI}");
+            if let Err(e) = vm.shared().kvm.set_irq_line(GED_GSI, true) {
+                log::error!("ACPI: cannot raise the GED interrupt (GSI {GED_GSI}): {e}");
+            }
         }
         log::debug!("ACPI: {} tables, {} bytes", built.image.tables.len(), built.image.bytes.len());
         Ok(())
@@ -360,6 +387,14 @@ impl AcpiHost {
 
 impl BusDevice for AcpiHost {
     fn read(&self, _space: IoSpace, addr: u64, data: &mut [u8]) {
+        if let Some(off) = addr.checked_sub(GED_PORT.into()).filter(|&o| o < u64::from(GED_LEN)) {
+            if lock(&self.ged).read(off, data) {
+                if let Some(Err(e)) = self.vm.upgrade().map(|vm| vm.kvm.set_irq_line(GED_GSI, false)) {
+                    log::error!("ACPI: cannot lower the GED interrupt (GSI {GED_GSI}): {e}");
+                }
+            }
+            return;
+        }
         match addr.checked_sub(MHP_PORT.into()) {
             Some(off) if off < u64::from(MHP_LEN) => lock(&self.mhp).read(off, data),
             // The doorbell is write-only (QEMU reads 0 too).

@@ -458,18 +458,20 @@ pub fn nvdimm_acpi() -> Result<GuestProgram, GuestError> {
     })
 }
 
-/// `memory-hotplug`: waits for the boot-info generation to change (a
-/// device was plugged), finds the first enabled slot through the ACPI
-/// memory hotplug registers, prints
+/// `memory-hotplug`: waits for the ACPI GED's memory event (as an OS's
+/// `_EVT` would on the GED interrupt: reading the GED register returns and
+/// clears the events) and prints `mhp: GED events 0x..`, finds the first
+/// enabled slot through the ACPI memory hotplug registers, prints
 /// `mhp: slot N status 0x.. base 0x.. size 0x..`, clears the insert event
 /// (checks it is cleared), with `r9 = 1` requests ejection itself (the
-/// `_EJ0` bit), waits for the next change (the device was unplugged),
-/// prints the same slot again and exits 0 when it is no longer enabled. Exit codes: 40 no hotplug interface, 41 no enabled
+/// `_EJ0` bit), waits for the next GED memory event (the device was
+/// unplugged), prints the same slot again and exits 0 when it is no longer enabled. Exit codes: 40 no hotplug interface, 41 no enabled
 /// slot, 42 insert event not cleared, 43 slot still enabled.
 pub fn memory_hotplug() -> Result<GuestProgram, GuestError> {
     program("memory-hotplug", |a| {
         let mut f = Fails(Vec::new());
         let mut report = a.create_label();
+        let mut ged = a.create_label();
         let mut wait1 = a.create_label();
         let mut wait2 = a.create_label();
         let mut find = a.create_label();
@@ -480,14 +482,10 @@ pub fn memory_hotplug() -> Result<GuestProgram, GuestError> {
         a.test(esi, esi)?;
         a.jz(none)?;
         a.movzx(edi, word_ptr(r15 + BOOT_INFO_MHP_SLOTS as i32))?;
-        a.mov(r14d, dword_ptr(r15 + 0x10))?;
         print(a, "mhp: waiting for a DIMM\n")?;
         a.set_label(&mut wait1)?;
-        a.pause()?;
-        a.mov(eax, dword_ptr(r15 + 0x10))?;
-        a.cmp(eax, r14d)?;
-        a.je(wait1)?;
-        a.mov(r14d, eax)?;
+        a.call(ged)?;
+        a.jz(wait1)?;
         // First enabled slot (MSTA's loop).
         let no_slot = f.get(a, 41, "no enabled slot after the plug");
         a.xor(r12d, r12d)?;
@@ -522,15 +520,32 @@ pub fn memory_hotplug() -> Result<GuestProgram, GuestError> {
         a.mov(al, 8u32)?;
         a.out(dx, al)?;
         a.set_label(&mut wait2)?;
-        a.pause()?;
-        a.mov(eax, dword_ptr(r15 + 0x10))?;
-        a.cmp(eax, r14d)?;
-        a.je(wait2)?;
+        a.call(ged)?;
+        a.jz(wait2)?;
         a.call(report)?;
         let still = f.get(a, 43, "slot still enabled after the unplug");
         a.test(r13b, 1u32)?;
         a.jnz(still)?;
         exit_with(a, 0)?;
+
+        // ged: read (and so clear) the GED events; with the memory event,
+        // print them and return NZ, else pause and return ZF set.
+        let mut ged_none = a.create_label();
+        a.set_label(&mut ged)?;
+        a.mov(edx, u32::from(crate::acpi_host::ged::GED_PORT))?;
+        a.in_(eax, dx)?;
+        a.test(eax, crate::acpi_host::ged::EVT_MEMORY)?;
+        a.jz(ged_none)?;
+        a.mov(r14d, eax)?;
+        print(a, "mhp: GED events 0x")?;
+        a.mov(eax, r14d)?;
+        print_hex_rax(a)?;
+        print(a, "\n")?;
+        a.test(r14d, crate::acpi_host::ged::EVT_MEMORY)?;
+        a.ret()?;
+        a.set_label(&mut ged_none)?;
+        a.pause()?;
+        a.ret()?;
 
         // report: select slot r12d, read flags (r13), base (rbx), size (rbp), print.
         a.set_label(&mut report)?;
