@@ -13,14 +13,21 @@
 //! Run: `cargo build --release --workspace && cargo bench -p dmhost --bench migration`
 //! (apt-get install qemu-system-x86 for the QEMU side).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::{
     io::{BufRead, BufReader, Write},
     os::unix::net::UnixStream,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
+use common::{
+    process::{wait_status, VmProcess},
+    target_dir,
+};
 use dmhost::control_client::ControlClient;
 use serde_json::{json, Value};
 
@@ -37,16 +44,7 @@ impl Outcome {
     }
 }
 
-fn target_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_dmhost")).parent().unwrap().to_path_buf()
-}
-
-fn dmhost() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_dmhost"));
-    c.arg("--plugin-dir").arg(target_dir());
-    c
-}
-
+/// QEMU, killed when dropped.
 struct Killed(Child);
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -55,60 +53,19 @@ impl Drop for Killed {
     }
 }
 
-fn wait_line(child: &mut Child, from_stderr: bool, needle: &str) -> String {
-    let r: Box<dyn std::io::Read + Send> = if from_stderr {
-        Box::new(child.stderr.take().unwrap())
-    } else {
-        Box::new(child.stdout.take().unwrap())
-    };
-    let mut lines = BufReader::new(r).lines();
-    loop {
-        let l = lines.next().expect("process ended").unwrap();
-        if let Some(pos) = l.find(needle) {
-            let rest = l[pos + needle.len()..].to_owned();
-            // Keep draining so the child never blocks on a full pipe.
-            std::thread::spawn(move || for _ in lines {});
-            return rest;
-        }
-    }
-}
-
 fn dmhost_case(dir: &Path, name: &str, config: &str, ready: &str, params: Value) -> Outcome {
     let cfg = dir.join(format!("{name}.toml"));
     std::fs::write(&cfg, config).unwrap();
-    let mut dst = dmhost()
-        .args(["run"])
-        .arg(&cfg)
-        .args(["--incoming", "tcp:127.0.0.1:0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let uri = wait_line(&mut dst, true, "waiting for an incoming migration on ");
-    let _dst = Killed(dst);
+    let t = Duration::from_secs(120);
+    let (_dst, uri) = VmProcess::destination(&cfg, "tcp:127.0.0.1:0", &[]);
     let sock = dir.join(format!("{name}.sock"));
-    let mut src = dmhost()
-        .arg("run")
-        .arg(&cfg)
-        .arg("--control")
-        .arg(&sock)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_line(&mut src, false, ready);
-    let _src = Killed(src);
+    let (src, _) = VmProcess::spawn(&["--control", sock.to_str().unwrap()], &cfg);
+    src.wait_stdout(ready, t);
     let mut c = ControlClient::connect(&sock).unwrap();
     c.execute("migrate-set-parameters", params).unwrap();
     c.execute("migrate", json!({ "uri": uri })).unwrap();
-    let q = loop {
-        let q = c.execute("query-migrate", json!({})).unwrap();
-        match q["status"].as_str() {
-            Some("completed") => break q,
-            Some("failed") | Some("cancelled") => panic!("dmhost {name}: {q}"),
-            _ => std::thread::sleep(Duration::from_millis(50)),
-        }
-    };
+    let q = wait_status(&mut c, &["completed", "failed", "cancelled"], t);
+    assert_eq!(q["status"], "completed", "dmhost {name}: {q}");
     Outcome {
         total: Duration::from_millis(q["total-time"].as_u64().unwrap()),
         downtime: Duration::from_millis(q["downtime"].as_u64().unwrap()),

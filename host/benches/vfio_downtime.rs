@@ -9,57 +9,24 @@
 //!
 //! Run: `cargo build --release --workspace && cargo bench -p dmhost --bench vfio_downtime`
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::{
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
     time::Duration,
 };
 
+use common::{
+    process::{wait_status, VmProcess},
+    target_dir,
+};
 use dmhost::control_client::ControlClient;
 use serde_json::json;
 
 const RUNS: usize = 3;
-
-fn target_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_dmhost")).parent().unwrap().to_path_buf()
-}
-
-fn dmhost() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_dmhost"));
-    c.arg("--plugin-dir").arg(target_dir());
-    c.env("RUST_LOG", "warn,dmhost::migration::source=info,vfio_pci=debug");
-    c
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Lines of `r`, forwarded on a channel (drained to the end).
-fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for l in BufReader::new(r).lines().map_while(Result::ok) {
-            let _ = tx.send(l);
-        }
-    });
-    rx
-}
-
-fn wait_for(rx: &mpsc::Receiver<String>, needle: &str) -> String {
-    loop {
-        let l = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| panic!("no {needle:?}"));
-        if let Some(pos) = l.find(needle) {
-            return l[pos + needle.len()..].to_owned();
-        }
-    }
-}
+/// The source logs its stop-copy size and downtime at these levels.
+const SOURCE_LOG: &str = "warn,dmhost::migration::source=info,vfio_pci=debug";
 
 #[derive(Debug, Clone, Copy)]
 struct Outcome {
@@ -81,44 +48,18 @@ fn config(dir: &Path, precopy: bool) -> PathBuf {
 
 fn migrate_once(dir: &Path, precopy: bool, n: usize) -> Outcome {
     let cfg = config(dir, precopy);
-    let mut dst = dmhost()
-        .arg("run")
-        .arg(&cfg)
-        .args(["--incoming", "tcp:127.0.0.1:0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let dst_err = lines(dst.stderr.take().unwrap());
-    let uri = wait_for(&dst_err, "waiting for an incoming migration on ");
-    let _dst = Killed(dst);
+    let t = Duration::from_secs(60);
+    let (_dst, uri) = VmProcess::destination(&cfg, "tcp:127.0.0.1:0", &[]);
     let sock = dir.join(format!("src-{precopy}-{n}.sock"));
-    let mut src = dmhost()
-        .arg("run")
-        .arg(&cfg)
-        .arg("--control")
-        .arg(&sock)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let src_out = lines(src.stdout.take().unwrap());
-    let src_err = lines(src.stderr.take().unwrap());
-    wait_for(&src_out, "vfio-verify: round 0x0000000000000040");
-    let _src = Killed(src);
+    let (src, _) = VmProcess::spawn_logged(&["--control", sock.to_str().unwrap()], &cfg, SOURCE_LOG);
+    src.wait_stdout("vfio-verify: round 0x0000000000000040", t);
     let mut c = ControlClient::connect(&sock).unwrap();
     c.execute("migrate", json!({ "uri": uri })).unwrap();
-    let q = loop {
-        let q = c.execute("query-migrate", json!({})).unwrap();
-        match q["status"].as_str() {
-            Some("completed") => break q,
-            Some("failed") | Some("cancelled") => panic!("migration failed: {q}"),
-            _ => std::thread::sleep(Duration::from_millis(5)),
-        }
-    };
+    let q = wait_status(&mut c, &["completed", "failed", "cancelled"], t);
+    assert_eq!(q["status"], "completed", "migration failed: {q}");
     let stop_copy: u64 =
-        wait_for(&src_err, "stop-copy sent ").split_whitespace().next().unwrap().parse().unwrap();
-    let done = wait_for(&src_err, "migration: completed, ");
+        src.wait_after(true, "stop-copy sent ", t).split_whitespace().next().unwrap().parse().unwrap();
+    let done = src.wait_after(true, "migration: completed, ", t);
     let downtime: f64 =
         done.split("downtime ").nth(1).and_then(|d| d.split_whitespace().next()).unwrap().parse().unwrap();
     Outcome {

@@ -10,7 +10,7 @@ mod common;
 
 use std::{
     sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use common::*;
@@ -84,14 +84,6 @@ fn simulate_eoi(vm: &Vm, resamplefd: i32) {
     let one = 1u64.to_le_bytes();
     // SAFETY: 8 bytes from a live buffer to the line's resample eventfd.
     assert_eq!(unsafe { libc::write(resamplefd, one.as_ptr().cast(), 8) }, 8);
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
 }
 
 /// Guest: for each (device base, IRQ value): write IRQ, record IRQ_STATUS,

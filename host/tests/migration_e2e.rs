@@ -7,10 +7,12 @@ mod common;
 
 use std::{
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use common::process::{assert_verified, dmhost, label_area_digest, nvdimm_label_image, VmProcess};
+use common::process::{
+    assert_verified, dmhost, label_area_digest, nvdimm_label_image, wait_status, VmProcess,
+};
 
 use dmhost::{control_client::ControlClient, testing::kvm_or_skip};
 use serde_json::json;
@@ -108,14 +110,7 @@ fn killing_the_destination_mid_stream_leaves_the_source_running() {
     assert_eq!(q["status"], "active", "{q}");
     dst.child.kill().unwrap();
     let _ = dst.child.wait();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let q = loop {
-        let q = c.execute("query-migrate", json!({})).unwrap();
-        if q["status"] != "active" || Instant::now() > deadline {
-            break q;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let q = wait_status(&mut c, &["failed", "completed", "cancelled"], Duration::from_secs(20));
     assert_eq!(q["status"], "failed", "{q}");
     assert!(q["error-desc"].as_str().unwrap().contains("stream"), "{q}");
     let status = c.execute("query-status", json!({})).unwrap();

@@ -10,13 +10,13 @@ mod common;
 
 use std::{
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use common::process::{self, dmhost, VmProcess};
+use common::process::{self, dmhost, wait_status, VmProcess};
 
 use dmhost::{control_client::ControlClient, testing::kvm_or_skip};
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// 64 MiB RAM and a 16 MiB pc-dimm, every page written each round.
 fn write_config(dir: &Path, rounds: u64) -> PathBuf {
@@ -36,18 +36,6 @@ fn assert_verified(code: i32, out: &[String], err: &[String], rounds: u64) {
         !out.iter().any(|l| l.contains("migrate-verify: start")),
         "the destination continued the source's run: {out:?}"
     );
-}
-
-fn wait_status(c: &mut ControlClient, want: &[&str], timeout: Duration) -> Value {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let q = c.execute("query-migrate", json!({})).unwrap();
-        if want.iter().any(|w| q["status"] == *w) {
-            return q;
-        }
-        assert!(Instant::now() < deadline, "status not in {want:?}: {q}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

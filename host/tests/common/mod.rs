@@ -110,3 +110,13 @@ pub fn warnings_containing(s: &str) -> Vec<String> {
         .map(|(_, m)| m.clone())
         .collect()
 }
+
+/// Poll `f` until it holds; fail naming `what` after `timeout`. For state
+/// KVM updates asynchronously (an irqfd injects from a kernel worker).
+pub fn wait_until(what: &str, timeout: std::time::Duration, mut f: impl FnMut() -> bool) {
+    let t = std::time::Instant::now();
+    while !f() {
+        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}

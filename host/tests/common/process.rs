@@ -1,6 +1,8 @@
 //! `dmhost run` as a child process, with its stdout and stderr lines
 //! collected: the harness of the two-process migration tests.
 
+use dmhost::control_client::ControlClient;
+use serde_json::{json, Value};
 use std::{
     io::{BufRead, BufReader},
     path::{Path, PathBuf},
@@ -16,11 +18,31 @@ pub fn dmhost() -> Command {
     c
 }
 
-/// A running `dmhost run`.
+/// A running `dmhost run`, killed when dropped.
 pub struct VmProcess {
     pub child: Child,
     pub out: Arc<Mutex<Vec<String>>>,
     pub err: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Poll `query-migrate` until its status is one of `want`; that reply.
+pub fn wait_status(c: &mut ControlClient, want: &[&str], timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let q = c.execute("query-migrate", json!({})).unwrap();
+        if want.iter().any(|w| q["status"] == *w) {
+            return q;
+        }
+        assert!(Instant::now() < deadline, "status not in {want:?}: {q}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn collect(
@@ -109,6 +131,13 @@ impl VmProcess {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// What follows `needle` in the first line of stdout (or stderr) that
+    /// contains it.
+    pub fn wait_after(&self, stderr: bool, needle: &str, timeout: Duration) -> String {
+        let line = self.wait_line(stderr, needle, timeout);
+        line.split_once(needle).map(|(_, rest)| rest.to_owned()).unwrap_or_default()
     }
 
     /// Wait for the exit: (code, stdout lines, stderr lines).
