@@ -8,10 +8,7 @@
 
 mod common;
 
-use std::{
-    sync::Arc,
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use common::*;
 use dmhost::{

@@ -14,7 +14,7 @@ use std::{collections::BTreeMap, io::Write, sync::Arc, time::Instant};
 
 use crate::{
     devices::HostDevice,
-    vm::{ramblocks::RamBlock, Vm},
+    vm::{ramblocks::RamBlock, DetachedSlots, Vm},
 };
 
 use super::{
@@ -28,7 +28,7 @@ use super::{
     },
     progress::{Progress, Status},
     source::{MigrationError, ACK_OK, SYNCED},
-    MigrationListener, MigrationStream, Section, StreamReader,
+    MigrationListener, MigrationStream, Section, StreamReader, PAGE_SIZE,
 };
 
 /// What an incoming migration loaded.
@@ -106,6 +106,13 @@ fn reply(ack: &mut MigrationStream, line: &str) -> std::io::Result<()> {
     ack.flush()
 }
 
+/// RAM data after which the destination loads with the KVM memory slots
+/// detached ([`crate::vm::kvm::KvmVm::detach_slots`]: fresh pages fill
+/// faster so). Below it the detach and the re-attach (about 1 ms each here
+/// for GiB-sized slots, the re-attach inside the downtime) cost more than
+/// they save.
+const DETACH_AFTER: u64 = 64 << 20;
+
 fn load(
     vm: &Vm,
     stream: MigrationStream,
@@ -128,8 +135,9 @@ fn load(
             )))
         }
     };
-    // Until the guest is about to run: RAM loads faster so (KvmVm::detach_slots).
-    let slots = vm.detach_memory_slots()?;
+    // Taken out once much RAM arrives, back before the guest runs.
+    let mut slots: Option<DetachedSlots<'_>> = None;
+    let mut ram_bytes = 0u64;
     let blocks: BTreeMap<String, _> = vm.ram_blocks().into_iter().map(|b| (b.name.clone(), b)).collect();
     let devs: BTreeMap<String, Arc<HostDevice>> =
         devices(vm).into_iter().map(|d| (d.id.clone(), d)).collect();
@@ -151,6 +159,10 @@ fn load(
                 return Err(MigrationError::Incoming("a second configuration section".into()))
             }
             Section::Ram(batch) => {
+                ram_bytes += (batch.data_pages() * PAGE_SIZE) as u64;
+                if slots.is_none() && ram_bytes > DETACH_AFTER {
+                    slots = Some(vm.detach_memory_slots()?);
+                }
                 let block = blocks.get(&batch.block).ok_or_else(|| {
                     MigrationError::Incoming(format!("RAM of unknown block {:?}", batch.block))
                 })?;
@@ -220,7 +232,7 @@ fn load(
                 let ret = ret
                     .take()
                     .ok_or_else(|| MigrationError::Incoming("post-copy needs a return path".into()))?;
-                slots.attach()?;
+                slots.take().map_or(Ok(()), DetachedSlots::attach)?;
                 got.bytes = reader.offset();
                 got.postcopy = true;
                 progress.set_status(Status::PostcopyActive);
@@ -247,7 +259,7 @@ fn load(
     if postcopy.is_some() {
         return Err(MigrationError::Incoming("post-copy was announced but the stream ended".into()));
     }
-    slots.attach()?;
+    slots.take().map_or(Ok(()), DetachedSlots::attach)?;
     finish_load(vm, &devs, vcpus, vm_state)?;
     got.bytes = reader.offset();
     Ok(got)

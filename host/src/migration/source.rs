@@ -295,18 +295,25 @@ impl Sender<'_> {
         self.sync_destination(ack.as_mut())?;
         let stop = Instant::now();
         self.vm.pause()?;
+        let paused = stop.elapsed();
         self.progress.set_status(Status::Device);
         for d in &self.devices {
             d.lock().vm_state_changed(false).map_err(dev_err(d, "vm_state_changed(stop)"))?;
         }
-        self.send_dirty()?;
+        let pages = self.send_dirty()?;
+        let dirty = stop.elapsed();
         self.send_final_state()?;
         let bytes = self.out.bytes_written();
         self.out.write_end()?;
+        let sent = stop.elapsed();
         if let Some(ack) = ack {
             wait_ack(ack)?;
         }
         let downtime = stop.elapsed();
+        log::debug!(
+            "migration: switch-over: vCPUs paused after {paused:?}, {pages} dirty pages sent by {dirty:?}, \
+             device and vCPU state by {sent:?}, destination loaded by {downtime:?}"
+        );
         self.progress.update(|st| {
             st.transferred = bytes;
             st.remaining = 0;
