@@ -162,6 +162,10 @@ fn load(
                 ram_bytes += (batch.data_pages() * PAGE_SIZE) as u64;
                 if slots.is_none() && ram_bytes > DETACH_AFTER {
                     slots = Some(vm.detach_memory_slots()?);
+                    log::info!(
+                        "migration: {} MiB of RAM data so far: loading the rest with the KVM memory slots detached",
+                        ram_bytes >> 20
+                    );
                 }
                 let block = blocks.get(&batch.block).ok_or_else(|| {
                     MigrationError::Incoming(format!("RAM of unknown block {:?}", batch.block))
