@@ -204,8 +204,14 @@ fn load(
                 if let (Some(pc), true) = (&postcopy, vcpus.len() == vm.vcpu_count() as usize) {
                     // Everything but RAM is here: load it, catch faults,
                     // and tell the source we are ready to run.
+                    let t = Instant::now();
                     finish_load(vm, &devs, std::mem::take(&mut vcpus), vm_state.take())?;
+                    let loaded = t.elapsed();
                     pc.register().map_err(pc_err)?;
+                    log::debug!(
+                        "migration: post-copy: state loaded in {loaded:?}, RAM registered by {:?}",
+                        t.elapsed()
+                    );
                     let w = ret
                         .as_mut()
                         .ok_or_else(|| MigrationError::Incoming("post-copy needs a return path".into()))?;
@@ -223,7 +229,9 @@ fn load(
                         pc
                     }
                 };
+                let t = Instant::now();
                 pc.apply_pending(&block, &bitmap).map_err(pc_err)?;
+                log::debug!("migration: post-copy: pending pages of {block} discarded in {:?}", t.elapsed());
             }
             Section::PostcopyRun => {
                 let pc = postcopy.take().ok_or_else(|| {

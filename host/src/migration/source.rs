@@ -417,6 +417,22 @@ impl Sender<'_> {
         started: Instant,
     ) -> Result<Summary, MigrationError> {
         let mut ret = ack.ok_or_else(|| MigrationError::Incoming("post-copy needs a return path".into()))?;
+        // The pages dirty so far go pending while the guest still runs here,
+        // and the sync waits for the destination to discard them (tens of
+        // ms for 128 MiB on this host): only what the guest dirties in the
+        // last moments is discarded while it is stopped.
+        let mut early = Vec::new();
+        for b in self.blocks.clone() {
+            let mut bitmap = self.vm.get_and_clear_block_dirty(&b.name)?;
+            if let Some(c) = self.carry.remove(&b.name) {
+                for (w, x) in bitmap.iter_mut().zip(c) {
+                    *w |= x;
+                }
+            }
+            bitmap.resize((b.size / PAGE_SIZE as u64).div_ceil(64) as usize, 0);
+            self.out.write_postcopy_pending(&b.name, &bitmap)?;
+            early.push(bitmap);
+        }
         self.sync_destination(Some(&mut ret))?;
         let stop = Instant::now();
         self.vm.pause()?;
@@ -425,25 +441,21 @@ impl Sender<'_> {
             d.lock().vm_state_changed(false).map_err(dev_err(d, "vm_state_changed(stop)"))?;
         }
         let mut pc_blocks = Vec::new();
-        for b in self.blocks.clone() {
-            let mut bitmap = self.vm.get_and_clear_block_dirty(&b.name)?;
-            if let Some(c) = self.carry.remove(&b.name) {
-                for (w, x) in bitmap.iter_mut().zip(c) {
-                    *w |= x;
-                }
-            }
+        for (b, mut pending) in self.blocks.clone().into_iter().zip(early) {
+            let mut last = self.vm.get_and_clear_block_dirty(&b.name)?;
             let pages = b.size / PAGE_SIZE as u64;
-            bitmap.resize(pages.div_ceil(64) as usize, 0);
-            self.out.write_postcopy_pending(&b.name, &bitmap)?;
-            pc_blocks.push(PcBlock {
-                unsent: AtomicBitmap::from_words(&bitmap, pages),
-                pending: bitmap,
-                block: b,
-            });
+            last.resize(pending.len(), 0);
+            self.out.write_postcopy_pending(&b.name, &last)?;
+            for (w, x) in pending.iter_mut().zip(&last) {
+                *w |= x;
+            }
+            pc_blocks.push(PcBlock { unsent: AtomicBitmap::from_words(&pending, pages), pending, block: b });
         }
         let pending: u64 = pc_blocks.iter().map(|b| b.unsent.count()).sum();
+        let bitmaps = stop.elapsed();
         self.send_final_state()?;
         self.out.flush()?;
+        let sent = stop.elapsed();
         ret.set_read_timeout(Some(pc_source::HANDSHAKE_TIMEOUT));
         let config = config_section(self.vm);
         match RetMsg::read(&mut ret, &config) {
@@ -455,11 +467,16 @@ impl Sender<'_> {
             Err(e) => return Err(MigrationError::NoAck(e.to_string())),
         }
         ret.set_read_timeout(None);
+        let ready = stop.elapsed();
         let urgent = pc_source::connect_urgent(&self.uri, &config)?;
         // From here on the destination may run the guest.
         self.committed = true;
         self.out.write_postcopy_run()?;
         let downtime = stop.elapsed();
+        log::debug!(
+            "migration: post-copy switch: pending bitmaps sent by {bitmaps:?}, device and vCPU state by \
+             {sent:?}, destination ready by {ready:?}, run sent by {downtime:?}"
+        );
         self.progress.update(|st| st.downtime_ms = Some(downtime.as_millis() as u64));
         log::info!(
             "migration: post-copy after {rounds} rounds: guest stopped for {:.1} ms, {pending} pages still to send",
