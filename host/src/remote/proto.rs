@@ -277,6 +277,40 @@ pub fn decode_reply(b: &[u8]) -> Result<Result<Vec<u8>, PluginError>, ProtoError
     Ok(Err(PluginError::new(kind, String::from_utf8_lossy(rest))))
 }
 
+/// Longest log target kept from a `Log` record (bytes).
+pub const MAX_LOG_TARGET: usize = 128;
+/// Longest log message kept from a `Log` record (bytes); longer ones are cut.
+pub const MAX_LOG: usize = 2048;
+
+/// Encode the payload of a `Log` record: `target_len: u8 | target |
+/// message`, the target cut to 255 bytes and the message to what fits a
+/// message.
+pub fn encode_log(target: &str, message: &str) -> Vec<u8> {
+    let target = &target.as_bytes()[..target.len().min(255)];
+    let message = &message.as_bytes()[..message.len().min(MAX_DATA - 512)];
+    let mut p = Vec::with_capacity(1 + target.len() + message.len());
+    p.push(target.len() as u8);
+    p.extend_from_slice(target);
+    p.extend_from_slice(message);
+    p
+}
+
+/// Decode the payload of a `Log` record (untrusted): its target (empty when
+/// it has none, or a length past the end) and its message, cut to
+/// [`MAX_LOG_TARGET`] and [`MAX_LOG`] bytes, invalid UTF-8 replaced and
+/// control characters turned into spaces (a record cannot forge log lines).
+pub fn decode_log(payload: &[u8]) -> (String, String) {
+    let (target, message) = match payload.split_first() {
+        Some((&n, rest)) if usize::from(n) <= rest.len() => rest.split_at(usize::from(n)),
+        _ => (&b""[..], payload),
+    };
+    let clean = |b: &[u8], max: usize| -> String {
+        let s = String::from_utf8_lossy(&b[..b.len().min(max)]);
+        s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+    };
+    (clean(target, MAX_LOG_TARGET), clean(message, MAX_LOG))
+}
+
 /// One end of a SOCK_SEQPACKET socket pair.
 #[derive(Debug)]
 pub struct Channel {
@@ -476,6 +510,19 @@ mod tests {
             let _ = Request::decode(&junk).map(|r| r.len_arg(MAX_DATA));
             let _ = decode_reply(&junk);
         }
+    }
+
+    #[test]
+    fn log_records_round_trip_and_untrusted_ones_are_cleaned() {
+        assert_eq!(decode_log(&encode_log("dev", "hello")), ("dev".into(), "hello".into()));
+        assert_eq!(decode_log(&[]), (String::new(), String::new()));
+        // A target length past the end: the whole payload is the message.
+        assert_eq!(decode_log(b"\x09ab"), (String::new(), " ab".into()));
+        assert_eq!(decode_log(b"\x02a\nline\nforged").1, "line forged");
+        let (t, m) = decode_log(&[0xff; 5000]);
+        assert!(t.chars().count() <= MAX_LOG_TARGET && m.chars().count() <= MAX_LOG);
+        let long = "é".repeat(MAX_DATA);
+        assert!(encode_log(&long, &long).len() <= MAX_DATA);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use dmhost_plugin_api::{
 };
 
 use super::{
-    proto::{decode_big, encode_reply, Channel, Op, ProtoError, Request, MAX_DATA},
+    proto::{decode_big, decode_log, encode_reply, Channel, Op, ProtoError, Request, MAX_DATA},
     resources::{Irqfd, Resources, SharedMapping},
 };
 use crate::{migration::MAX_DEVICE_DATA, vm::bus::RateLimiter, vm::VmShared};
@@ -35,8 +35,6 @@ pub const MAX_ACPI: usize = 1 << 20;
 pub const MAX_DSM_HANDLES: usize = 1024;
 /// Log records forwarded per device per second (the rest are counted).
 pub const LOG_BURST: u32 = 50;
-/// Longest log message forwarded (bytes); longer ones are cut.
-pub const MAX_LOG: usize = 2048;
 
 /// How long the host waits for the device process to answer one request.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -485,17 +483,8 @@ impl ServiceCtx {
         if level > log::max_level() {
             return;
         }
-        let (target, msg) = match req.payload.split_first() {
-            Some((&n, rest)) if usize::from(n) <= rest.len() => rest.split_at(usize::from(n)),
-            _ => (&b""[..], &req.payload[..]),
-        };
-        let clean = |b: &[u8], max: usize| -> String {
-            let s = String::from_utf8_lossy(&b[..b.len().min(max)]);
-            s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
-        };
-        let target = clean(target, 128);
+        let (target, msg) = decode_log(&req.payload);
         let target = if target.is_empty() { "device".to_owned() } else { target };
-        let msg = clean(msg, MAX_LOG);
         self.log_limit.log(|suppressed| {
             let more =
                 if suppressed > 0 { format!(" ({suppressed} records suppressed)") } else { String::new() };

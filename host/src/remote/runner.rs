@@ -22,7 +22,7 @@ use dmhost_plugin_api::{
 };
 use serde::Deserialize;
 
-use super::proto::{encode_big, encode_reply, Channel, Op, ProtoError, Request, MAX_DATA};
+use super::proto::{encode_big, encode_log, encode_reply, Channel, Op, ProtoError, Request, MAX_DATA};
 use crate::migration::MAX_DEVICE_DATA;
 
 #[derive(Debug, thiserror::Error)]
@@ -446,13 +446,8 @@ impl log::Log for ForwardLogger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let target = record.target().as_bytes();
-        let target = &target[..target.len().min(255)];
-        let mut p = Vec::with_capacity(256);
-        p.push(target.len() as u8);
-        p.extend_from_slice(target);
         let msg = record.args().to_string();
-        p.extend_from_slice(&msg.as_bytes()[..msg.len().min(MAX_DATA - 512)]);
+        let p = encode_log(record.target(), &msg);
         let req = Request::new(Op::Log, record.level() as u64, 0, &p);
         if self.chan.send(&req.encode(), &[]).is_err() {
             eprintln!("device-runner: {}: {msg}", record.level());
