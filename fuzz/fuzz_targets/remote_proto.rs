@@ -2,15 +2,16 @@
 //! packet of either socket: a request (the host's I/O requests in the
 //! device process, the device's service requests and log records in the
 //! host), a reply (the host reads the device's), the first part of a big
-//! reply and a log record's payload. Every decoder returns an error or a
-//! value within its limits, never panics; what is accepted encodes back.
+//! reply, a log record's payload and the memory region reply. Every
+//! decoder returns an error or a value within its limits, never panics;
+//! what is accepted encodes back.
 #![no_main]
 
 use dmhost::{
     migration::MAX_DEVICE_DATA,
     remote::{
         proto::{
-            decode_big, decode_log, decode_reply, encode_reply, Op, Request, MAX_DATA, MAX_LOG,
+            decode_big, decode_log, decode_reply, encode_reply, Op, RegionReply, Request, MAX_DATA, MAX_LOG,
             MAX_LOG_TARGET,
         },
         proxy::MAX_ACPI,
@@ -48,4 +49,11 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     check_log(data);
+    if let Ok(r) = RegionReply::decode(data) {
+        assert_eq!(RegionReply::decode(&r.encode()).ok(), Some(r));
+        let (offset, size) = r.mapping();
+        assert!(
+            offset <= r.fd_offset && r.fd_offset - offset <= size && r.size <= size - (r.fd_offset - offset)
+        );
+    }
 });

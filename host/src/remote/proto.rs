@@ -277,6 +277,78 @@ pub fn decode_reply(b: &[u8]) -> Result<Result<Vec<u8>, PluginError>, ProtoError
     Ok(Err(PluginError::new(kind, String::from_utf8_lossy(rest))))
 }
 
+/// The reply to [`Op::MemoryRegion`] (when the device has a region; the
+/// memory file travels as its one descriptor): `size, fd_offset, align,
+/// gpa: u64 | read_only: u8 | has_gpa: u8`, then the whole backend `size,
+/// offset: u64` when the region lies in the device's backend file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionReply {
+    pub size: u64,
+    pub fd_offset: u64,
+    pub align: u64,
+    pub requested_gpa: Option<u64>,
+    pub read_only: bool,
+    /// The backend's `(size, offset)` in the same file: the host maps it
+    /// whole, so RAM the device registers shares the guest's mapping.
+    pub backend: Option<(u64, u64)>,
+}
+
+/// Largest alignment a device region may ask for.
+pub const MAX_REGION_ALIGN: u64 = 1 << 40;
+
+impl RegionReply {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(50);
+        for w in [self.size, self.fd_offset, self.align, self.requested_gpa.unwrap_or(0)] {
+            v.extend_from_slice(&w.to_le_bytes());
+        }
+        v.extend([u8::from(self.read_only), u8::from(self.requested_gpa.is_some())]);
+        if let Some((size, offset)) = self.backend {
+            v.extend_from_slice(&size.to_le_bytes());
+            v.extend_from_slice(&offset.to_le_bytes());
+        }
+        v
+    }
+
+    /// Decode a reply (untrusted): the size must be a non-zero multiple of
+    /// 4 KiB and the alignment at most [`MAX_REGION_ALIGN`]; a backend that
+    /// does not contain the region is ignored (the region alone is mapped).
+    pub fn decode(b: &[u8]) -> Result<Self, ProtoError> {
+        if b.len() != 34 && b.len() != 50 {
+            return Err(ProtoError::Malformed(b.len()));
+        }
+        let w = |i: usize| {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(&b[i..i + 8]);
+            u64::from_le_bytes(x)
+        };
+        let (size, fd_offset, align, gpa) = (w(0), w(8), w(16), w(24));
+        if size == 0 || size % 4096 != 0 || align > MAX_REGION_ALIGN {
+            return Err(ProtoError::Malformed(b.len()));
+        }
+        let backend = (b.len() == 50).then(|| (w(34), w(42))).filter(|&(b_size, b_off)| {
+            fd_offset >= b_off
+                && b_off
+                    .checked_add(b_size)
+                    .is_some_and(|e| fd_offset.checked_add(size).is_some_and(|r| r <= e))
+        });
+        Ok(Self {
+            size,
+            fd_offset,
+            align,
+            requested_gpa: (b[33] != 0).then_some(gpa),
+            read_only: b[32] != 0,
+            backend,
+        })
+    }
+
+    /// What of the file to map, `(offset, size)`: the backend, or the
+    /// region alone. It contains the region.
+    pub fn mapping(&self) -> (u64, u64) {
+        self.backend.map_or((self.fd_offset, self.size), |(size, offset)| (offset, size))
+    }
+}
+
 /// Longest log target kept from a `Log` record (bytes).
 pub const MAX_LOG_TARGET: usize = 128;
 /// Longest log message kept from a `Log` record (bytes); longer ones are cut.
@@ -510,6 +582,36 @@ mod tests {
             let _ = Request::decode(&junk).map(|r| r.len_arg(MAX_DATA));
             let _ = decode_reply(&junk);
         }
+    }
+
+    #[test]
+    fn region_replies_round_trip_and_a_foreign_backend_is_ignored() {
+        let r = RegionReply {
+            size: 1 << 20,
+            fd_offset: 4096,
+            align: 1 << 21,
+            requested_gpa: Some(1 << 32),
+            read_only: true,
+            backend: Some((2 << 20, 0)),
+        };
+        assert_eq!(RegionReply::decode(&r.encode()).unwrap(), r);
+        assert_eq!(r.mapping(), (0, 2 << 20));
+        let alone = RegionReply { requested_gpa: None, backend: None, ..r };
+        assert_eq!(RegionReply::decode(&alone.encode()).unwrap(), alone);
+        assert_eq!(alone.mapping(), (4096, 1 << 20));
+        // A backend that ends before the region, or wraps, is not mapped.
+        for backend in [(1 << 20, 0), (u64::MAX, 4096), (1 << 30, 8192)] {
+            let d = RegionReply::decode(&RegionReply { backend: Some(backend), ..r }.encode()).unwrap();
+            assert_eq!(d.backend, None, "{backend:?}");
+        }
+        for bad in [
+            RegionReply { size: 0, ..r },
+            RegionReply { size: 100, ..r },
+            RegionReply { align: 1 << 41, ..r },
+        ] {
+            assert!(RegionReply::decode(&bad.encode()).is_err());
+        }
+        assert!(RegionReply::decode(&r.encode()[..40]).is_err());
     }
 
     #[test]

@@ -22,7 +22,9 @@ use dmhost_plugin_api::{
 };
 use serde::Deserialize;
 
-use super::proto::{encode_big, encode_log, encode_reply, Channel, Op, ProtoError, Request, MAX_DATA};
+use super::proto::{
+    encode_big, encode_log, encode_reply, Channel, Op, ProtoError, RegionReply, Request, MAX_DATA,
+};
 use crate::migration::MAX_DEVICE_DATA;
 
 #[derive(Debug, thiserror::Error)]
@@ -279,18 +281,21 @@ impl Session {
                     None => (Ok(Vec::new()), Vec::new()),
                     Some(r) => {
                         let m = r.memory;
-                        let mut v = Vec::with_capacity(50);
-                        for w in [m.size, m.fd_offset, r.align, r.requested_gpa.into_option().unwrap_or(0)] {
-                            v.extend_from_slice(&w.to_le_bytes());
-                        }
-                        v.extend([u8::from(m.read_only), u8::from(r.requested_gpa.is_some())]);
-                        // The whole backend, when the region is part of the
-                        // same file: the host maps it once.
-                        if let Some(b) = d.backend_memory().into_option().filter(|b| b.fd == m.fd) {
-                            v.extend_from_slice(&b.size.to_le_bytes());
-                            v.extend_from_slice(&b.fd_offset.to_le_bytes());
-                        }
-                        (Ok(v), vec![m.fd])
+                        let reply = RegionReply {
+                            size: m.size,
+                            fd_offset: m.fd_offset,
+                            align: r.align,
+                            requested_gpa: r.requested_gpa.into_option(),
+                            read_only: m.read_only,
+                            // The whole backend, when the region is part of
+                            // the same file: the host maps it once.
+                            backend: d
+                                .backend_memory()
+                                .into_option()
+                                .filter(|b| b.fd == m.fd)
+                                .map(|b| (b.size, b.fd_offset)),
+                        };
+                        (Ok(reply.encode()), vec![m.fd])
                     }
                 };
             }
