@@ -38,12 +38,14 @@ for t in $targets; do
     cargo +nightly fuzz run --debug-assertions "$t" "${corpora[@]}" -- \
         -max_total_time="$secs" -timeout=10 -print_final_stats=1 "${extra[@]}" >"$log" 2>&1 || rc=$?
     runs=$(awk '/^Done [0-9]+ runs/ {print $2}' "$log" | tail -1)
+    # No "Done" line after a crash: the last status line's count.
+    [ -n "$runs" ] || runs=$(grep -oE '^#[0-9]+' "$log" | tail -1 | tr -d '#' || true)
     eps=$(awk '/stat::average_exec_per_sec/ {print $2}' "$log" | tail -1)
     if [ "$rc" -eq 0 ]; then
         result=ok
     else
         failed=1
-        artifact=$(grep -o 'fuzz/artifacts/[^ ]*' "$log" | head -1 || true)
+        artifact=$(sed -n 's/.*Test unit written to \([^ ]*\).*/\1/p' "$log" | head -1)
         why=$(grep -m1 -E '^==[0-9]+==ERROR|panicked at|deadly signal|timeout after|out-of-memory' "$log" || true)
         result="CRASH (exit $rc) ${artifact:-no artifact}: ${why:-see log}"
         echo "---- $t: last lines of the libFuzzer log ----"
