@@ -277,6 +277,112 @@ pub fn decode_reply(b: &[u8]) -> Result<Result<Vec<u8>, PluginError>, ProtoError
     Ok(Err(PluginError::new(kind, String::from_utf8_lossy(rest))))
 }
 
+/// The reply to [`Op::MemoryRegion`] (when the device has a region; the
+/// memory file travels as its one descriptor): `size, fd_offset, align,
+/// gpa: u64 | read_only: u8 | has_gpa: u8`, then the whole backend `size,
+/// offset: u64` when the region lies in the device's backend file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionReply {
+    pub size: u64,
+    pub fd_offset: u64,
+    pub align: u64,
+    pub requested_gpa: Option<u64>,
+    pub read_only: bool,
+    /// The backend's `(size, offset)` in the same file: the host maps it
+    /// whole, so RAM the device registers shares the guest's mapping.
+    pub backend: Option<(u64, u64)>,
+}
+
+/// Largest alignment a device region may ask for.
+pub const MAX_REGION_ALIGN: u64 = 1 << 40;
+
+impl RegionReply {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(50);
+        for w in [self.size, self.fd_offset, self.align, self.requested_gpa.unwrap_or(0)] {
+            v.extend_from_slice(&w.to_le_bytes());
+        }
+        v.extend([u8::from(self.read_only), u8::from(self.requested_gpa.is_some())]);
+        if let Some((size, offset)) = self.backend {
+            v.extend_from_slice(&size.to_le_bytes());
+            v.extend_from_slice(&offset.to_le_bytes());
+        }
+        v
+    }
+
+    /// Decode a reply (untrusted): the size must be a non-zero multiple of
+    /// 4 KiB and the alignment at most [`MAX_REGION_ALIGN`]; a backend that
+    /// does not contain the region is ignored (the region alone is mapped).
+    pub fn decode(b: &[u8]) -> Result<Self, ProtoError> {
+        if b.len() != 34 && b.len() != 50 {
+            return Err(ProtoError::Malformed(b.len()));
+        }
+        let w = |i: usize| {
+            let mut x = [0u8; 8];
+            x.copy_from_slice(&b[i..i + 8]);
+            u64::from_le_bytes(x)
+        };
+        let (size, fd_offset, align, gpa) = (w(0), w(8), w(16), w(24));
+        if size == 0 || size % 4096 != 0 || align > MAX_REGION_ALIGN {
+            return Err(ProtoError::Malformed(b.len()));
+        }
+        let backend = (b.len() == 50).then(|| (w(34), w(42))).filter(|&(b_size, b_off)| {
+            fd_offset >= b_off
+                && b_off
+                    .checked_add(b_size)
+                    .is_some_and(|e| fd_offset.checked_add(size).is_some_and(|r| r <= e))
+        });
+        Ok(Self {
+            size,
+            fd_offset,
+            align,
+            requested_gpa: (b[33] != 0).then_some(gpa),
+            read_only: b[32] != 0,
+            backend,
+        })
+    }
+
+    /// What of the file to map, `(offset, size)`: the backend, or the
+    /// region alone. It contains the region.
+    pub fn mapping(&self) -> (u64, u64) {
+        self.backend.map_or((self.fd_offset, self.size), |(size, offset)| (offset, size))
+    }
+}
+
+/// Longest log target kept from a `Log` record (bytes).
+pub const MAX_LOG_TARGET: usize = 128;
+/// Longest log message kept from a `Log` record (bytes); longer ones are cut.
+pub const MAX_LOG: usize = 2048;
+
+/// Encode the payload of a `Log` record: `target_len: u8 | target |
+/// message`, the target cut to 255 bytes and the message to what fits a
+/// message.
+pub fn encode_log(target: &str, message: &str) -> Vec<u8> {
+    let target = &target.as_bytes()[..target.len().min(255)];
+    let message = &message.as_bytes()[..message.len().min(MAX_DATA - 512)];
+    let mut p = Vec::with_capacity(1 + target.len() + message.len());
+    p.push(target.len() as u8);
+    p.extend_from_slice(target);
+    p.extend_from_slice(message);
+    p
+}
+
+/// Decode the payload of a `Log` record (untrusted): its target (empty when
+/// it has none, or a length past the end) and its message, cut to
+/// [`MAX_LOG_TARGET`] and [`MAX_LOG`] bytes, invalid UTF-8 replaced and
+/// control characters turned into spaces (a record cannot forge log lines).
+pub fn decode_log(payload: &[u8]) -> (String, String) {
+    let (target, message) = match payload.split_first() {
+        Some((&n, rest)) if usize::from(n) <= rest.len() => rest.split_at(usize::from(n)),
+        _ => (&b""[..], payload),
+    };
+    let clean = |b: &[u8], max: usize| -> String {
+        let s = String::from_utf8_lossy(&b[..b.len().min(max)]);
+        s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+    };
+    (clean(target, MAX_LOG_TARGET), clean(message, MAX_LOG))
+}
+
 /// One end of a SOCK_SEQPACKET socket pair.
 #[derive(Debug)]
 pub struct Channel {
@@ -476,6 +582,49 @@ mod tests {
             let _ = Request::decode(&junk).map(|r| r.len_arg(MAX_DATA));
             let _ = decode_reply(&junk);
         }
+    }
+
+    #[test]
+    fn region_replies_round_trip_and_a_foreign_backend_is_ignored() {
+        let r = RegionReply {
+            size: 1 << 20,
+            fd_offset: 4096,
+            align: 1 << 21,
+            requested_gpa: Some(1 << 32),
+            read_only: true,
+            backend: Some((2 << 20, 0)),
+        };
+        assert_eq!(RegionReply::decode(&r.encode()).unwrap(), r);
+        assert_eq!(r.mapping(), (0, 2 << 20));
+        let alone = RegionReply { requested_gpa: None, backend: None, ..r };
+        assert_eq!(RegionReply::decode(&alone.encode()).unwrap(), alone);
+        assert_eq!(alone.mapping(), (4096, 1 << 20));
+        // A backend that ends before the region, or wraps, is not mapped.
+        for backend in [(1 << 20, 0), (u64::MAX, 4096), (1 << 30, 8192)] {
+            let d = RegionReply::decode(&RegionReply { backend: Some(backend), ..r }.encode()).unwrap();
+            assert_eq!(d.backend, None, "{backend:?}");
+        }
+        for bad in [
+            RegionReply { size: 0, ..r },
+            RegionReply { size: 100, ..r },
+            RegionReply { align: 1 << 41, ..r },
+        ] {
+            assert!(RegionReply::decode(&bad.encode()).is_err());
+        }
+        assert!(RegionReply::decode(&r.encode()[..40]).is_err());
+    }
+
+    #[test]
+    fn log_records_round_trip_and_untrusted_ones_are_cleaned() {
+        assert_eq!(decode_log(&encode_log("dev", "hello")), ("dev".into(), "hello".into()));
+        assert_eq!(decode_log(&[]), (String::new(), String::new()));
+        // A target length past the end: the whole payload is the message.
+        assert_eq!(decode_log(b"\x09ab"), (String::new(), " ab".into()));
+        assert_eq!(decode_log(b"\x02a\nline\nforged").1, "line forged");
+        let (t, m) = decode_log(&[0xff; 5000]);
+        assert!(t.chars().count() <= MAX_LOG_TARGET && m.chars().count() <= MAX_LOG);
+        let long = "é".repeat(MAX_DATA);
+        assert!(encode_log(&long, &long).len() <= MAX_DATA);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use dmhost_plugin_api::{
 };
 
 use super::{
-    proto::{decode_big, encode_reply, Channel, Op, ProtoError, Request, MAX_DATA},
+    proto::{decode_big, decode_log, encode_reply, Channel, Op, ProtoError, RegionReply, Request, MAX_DATA},
     resources::{Irqfd, Resources, SharedMapping},
 };
 use crate::{migration::MAX_DEVICE_DATA, vm::bus::RateLimiter, vm::VmShared};
@@ -35,8 +35,6 @@ pub const MAX_ACPI: usize = 1 << 20;
 pub const MAX_DSM_HANDLES: usize = 1024;
 /// Log records forwarded per device per second (the rest are counted).
 pub const LOG_BURST: u32 = 50;
-/// Longest log message forwarded (bytes); longer ones are cut.
-pub const MAX_LOG: usize = 2048;
 
 /// How long the host waits for the device process to answer one request.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -199,42 +197,28 @@ impl RemoteDevice {
         if data.is_empty() {
             return Ok(());
         }
-        if (data.len() != 34 && data.len() != 50) || fds.len() != 1 {
-            return Err(self.violation("memory region reply: malformed"));
-        }
-        let w = |i: usize| u64::from_le_bytes(data[i..i + 8].try_into().unwrap_or([0; 8]));
-        let (size, fd_offset, align, gpa) = (w(0), w(8), w(16), w(24));
-        let (read_only, has_gpa) = (data[32] != 0, data[33] != 0);
-        if size == 0 || size % 4096 != 0 || align > 1 << 40 {
-            return Err(self.violation("memory region reply: bad size or alignment"));
-        }
-        // Map the whole backend when the region lies in it (the same
-        // file), so RAM the device registers for migration shares the
-        // guest's mapping; otherwise the region alone.
-        let backend = (data.len() == 50).then(|| (w(34), w(42))).filter(|&(b_size, b_off)| {
-            fd_offset >= b_off
-                && b_off
-                    .checked_add(b_size)
-                    .is_some_and(|e| fd_offset.checked_add(size).is_some_and(|r| r <= e))
-        });
-        let (map_off, map_size) = backend.map_or((fd_offset, size), |(b_size, b_off)| (b_off, b_size));
+        let r = match RegionReply::decode(&data) {
+            Ok(r) if fds.len() == 1 => r,
+            _ => return Err(self.violation("memory region reply: malformed")),
+        };
+        // The whole backend when the region lies in it (the same file), so
+        // RAM the device registers for migration shares the guest's
+        // mapping; otherwise the region alone.
+        let (map_off, map_size) = r.mapping();
         let fd = fds.remove(0);
-        let m = match SharedMapping::map(fd, map_off, map_size, read_only) {
+        let m = match SharedMapping::map(fd, map_off, map_size, r.read_only) {
             Ok(m) => m,
             Err(e) => return Err(self.violation(&format!("memory region: {e}"))),
         };
         let memory = MemoryRegion {
-            host_addr: m.addr() + (fd_offset - map_off),
-            size,
+            host_addr: m.addr() + (r.fd_offset - map_off),
+            size: r.size,
             fd: m.raw_fd(),
-            fd_offset,
-            read_only,
+            fd_offset: r.fd_offset,
+            read_only: r.read_only,
         };
-        self.region = Some(GuestRegion {
-            memory,
-            requested_gpa: if has_gpa { Some(gpa) } else { None }.into(),
-            align: align.max(4096),
-        });
+        self.region =
+            Some(GuestRegion { memory, requested_gpa: r.requested_gpa.into(), align: r.align.max(4096) });
         self.resources.lock().unwrap_or_else(|p| p.into_inner()).set_guest(m);
         Ok(())
     }
@@ -485,17 +469,8 @@ impl ServiceCtx {
         if level > log::max_level() {
             return;
         }
-        let (target, msg) = match req.payload.split_first() {
-            Some((&n, rest)) if usize::from(n) <= rest.len() => rest.split_at(usize::from(n)),
-            _ => (&b""[..], &req.payload[..]),
-        };
-        let clean = |b: &[u8], max: usize| -> String {
-            let s = String::from_utf8_lossy(&b[..b.len().min(max)]);
-            s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
-        };
-        let target = clean(target, 128);
+        let (target, msg) = decode_log(&req.payload);
         let target = if target.is_empty() { "device".to_owned() } else { target };
-        let msg = clean(msg, MAX_LOG);
         self.log_limit.log(|suppressed| {
             let more =
                 if suppressed > 0 { format!(" ({suppressed} records suppressed)") } else { String::new() };

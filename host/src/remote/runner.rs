@@ -22,7 +22,9 @@ use dmhost_plugin_api::{
 };
 use serde::Deserialize;
 
-use super::proto::{encode_big, encode_reply, Channel, Op, ProtoError, Request, MAX_DATA};
+use super::proto::{
+    encode_big, encode_log, encode_reply, Channel, Op, ProtoError, RegionReply, Request, MAX_DATA,
+};
 use crate::migration::MAX_DEVICE_DATA;
 
 #[derive(Debug, thiserror::Error)]
@@ -279,18 +281,21 @@ impl Session {
                     None => (Ok(Vec::new()), Vec::new()),
                     Some(r) => {
                         let m = r.memory;
-                        let mut v = Vec::with_capacity(50);
-                        for w in [m.size, m.fd_offset, r.align, r.requested_gpa.into_option().unwrap_or(0)] {
-                            v.extend_from_slice(&w.to_le_bytes());
-                        }
-                        v.extend([u8::from(m.read_only), u8::from(r.requested_gpa.is_some())]);
-                        // The whole backend, when the region is part of the
-                        // same file: the host maps it once.
-                        if let Some(b) = d.backend_memory().into_option().filter(|b| b.fd == m.fd) {
-                            v.extend_from_slice(&b.size.to_le_bytes());
-                            v.extend_from_slice(&b.fd_offset.to_le_bytes());
-                        }
-                        (Ok(v), vec![m.fd])
+                        let reply = RegionReply {
+                            size: m.size,
+                            fd_offset: m.fd_offset,
+                            align: r.align,
+                            requested_gpa: r.requested_gpa.into_option(),
+                            read_only: m.read_only,
+                            // The whole backend, when the region is part of
+                            // the same file: the host maps it once.
+                            backend: d
+                                .backend_memory()
+                                .into_option()
+                                .filter(|b| b.fd == m.fd)
+                                .map(|b| (b.size, b.fd_offset)),
+                        };
+                        (Ok(reply.encode()), vec![m.fd])
                     }
                 };
             }
@@ -446,13 +451,8 @@ impl log::Log for ForwardLogger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let target = record.target().as_bytes();
-        let target = &target[..target.len().min(255)];
-        let mut p = Vec::with_capacity(256);
-        p.push(target.len() as u8);
-        p.extend_from_slice(target);
         let msg = record.args().to_string();
-        p.extend_from_slice(&msg.as_bytes()[..msg.len().min(MAX_DATA - 512)]);
+        let p = encode_log(record.target(), &msg);
         let req = Request::new(Op::Log, record.level() as u64, 0, &p);
         if self.chan.send(&req.encode(), &[]).is_err() {
             eprintln!("device-runner: {}: {msg}", record.level());
