@@ -537,7 +537,7 @@ mod tests {
 
     #[test]
     fn holes_in_own_device_memory_may_be_trapped() {
-        let (mut p, slots) = setup();
+        let (mut p, slots) = (Physmap::new(4 << 30, 8 << 30), FakeSlots::default());
         let gpa = 0x1_0000_0000;
         p.claim(gpa, 4 * PAGE_SIZE, dev("a"), RangeUse::DeviceMemory).unwrap();
         p.set_backing(
