@@ -340,9 +340,8 @@ impl MsixVectors {
         };
         let message = (entry.address(), entry.data);
         if entry.masked() || ctl.function_masked {
-            if v.routed.take().is_some() {
-                unroute(host, v, id);
-            }
+            unroute(host, v, id);
+            v.routed = None;
             return Ok(());
         }
         if v.routed == Some(message) {
