@@ -116,21 +116,13 @@ impl VfioPci {
                 Err(e) => log::debug!("vfio-pci {id}: BAR{} mmap: {e}", bar.index),
             }
         }
-        if let Some(d) = direct.as_ref() {
-            let trap = config.msix().and_then(|cap| {
-                let table = crate::msix::MsixTable::new(cap);
-                let mut pages = table.trap_ranges().into_iter().filter(|r| r.0 == d.index);
-                let (first, last) = (pages.next()?, pages.last());
-                // Two separate ranges in one BAR: trap everything between.
-                let end = last.map_or(first.1 + first.2, |l| l.1 + l.2);
-                Some((first.1, end - first.1))
-            });
-            if let Some((off, len)) = trap {
+        let msix = config.msix().map(|cap| MsixVectors::new(cap, &*backend));
+        if let (Some(d), Some(m)) = (direct.as_ref(), msix.as_ref()) {
+            direct_trap = m.table.trap_in(d.index);
+            if let Some((off, len)) = direct_trap {
                 log::info!("vfio-pci {id}: BAR{} +{off:#x}+{len:#x} (MSI-X) stays trapped", d.index);
             }
-            direct_trap = trap;
         }
-        let msix = config.msix().map(|cap| MsixVectors::new(cap, &*backend));
         let migration = Migration::new(&*backend, allow_precopy);
         let (vendor, device) = config.ids();
         log::info!(

@@ -143,6 +143,15 @@ impl MsixTable {
         vec![(tb, ts, te - ts), (pb, ps, pe - ps)]
     }
 
+    /// The one range of BAR `bar` a direct mapping leaves trapped: from
+    /// the first to the last trapped page (one hole, however laid out).
+    pub fn trap_in(&self, bar: u32) -> Option<(u64, u64)> {
+        let ranges: Vec<_> = self.trap_ranges().into_iter().filter(|r| r.0 == bar).collect();
+        let start = ranges.iter().map(|r| r.1).min()?;
+        let end = ranges.iter().map(|r| r.1 + r.2).max()?;
+        Some((start, end - start))
+    }
+
     /// The offset into the structure, when the access is one the table
     /// serves: 4 or 8 bytes, naturally aligned, wholly inside it.
     fn inside(&self, hit: Hit, offset: u64, len: usize) -> Option<u64> {
@@ -541,6 +550,8 @@ mod tests {
         cap.table_size = 1;
         cap.pba_offset = 0x3ff8;
         assert_eq!(MsixTable::new(cap).trap_ranges(), [(0, 0x1000, 0x1000), (0, 0x3000, 0x1000)]);
+        assert_eq!(MsixTable::new(cap).trap_in(0), Some((0x1000, 0x3000)), "one hole over both");
+        assert_eq!(MsixTable::new(cap).trap_in(2), None);
         cap.table_size = 3;
         cap.pba_bar = 2;
         cap.pba_offset = 0x10;
