@@ -13,15 +13,15 @@
 //! PBA reads and unmasking drain that count into the pending bit, and an
 //! unmask with the bit set delivers the message once.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use dmhost_plugin_api::{
-    vfio::{VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_PCI_MSIX_IRQ_INDEX},
+    vfio::{VFIO_IRQ_INFO_NORESIZE, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_PCI_MSIX_IRQ_INDEX},
     ErrorKind, Host, PluginError,
 };
 
 use crate::{
-    backend::VfioBackend,
+    backend::{BackendResult, VfioBackend},
     config_space::{MsixCap, MSIX_ENTRY_SIZE},
 };
 
@@ -268,6 +268,12 @@ pub struct MsixVectors {
     vectors: Vec<Option<Vector>>,
     /// Vectors the backend can signal.
     usable: usize,
+    /// The backend cannot add vectors while MSI-X is enabled
+    /// (`VFIO_IRQ_INFO_NORESIZE`): growing re-enables them all, as QEMU
+    /// does without dynamic MSI-X allocation.
+    noresize: bool,
+    /// Vectors `0..enabled` are enabled in a NORESIZE backend.
+    enabled: usize,
     warned: bool,
 }
 
@@ -281,7 +287,8 @@ pub struct Control {
 
 impl MsixVectors {
     pub fn new(cap: MsixCap, backend: &dyn VfioBackend) -> Self {
-        let count = backend.irq_info(VFIO_PCI_MSIX_IRQ_INDEX).map(|i| i.count).unwrap_or(0);
+        let info = backend.irq_info(VFIO_PCI_MSIX_IRQ_INDEX).unwrap_or_default();
+        let count = info.count;
         let usable = usize::from(cap.table_size).min(count as usize);
         if usable < usize::from(cap.table_size) {
             log::info!(
@@ -294,6 +301,8 @@ impl MsixVectors {
             table: MsixTable::new(cap),
             vectors: (0..usable).map(|_| None).collect(),
             usable,
+            noresize: info.flags & VFIO_IRQ_INFO_NORESIZE != 0,
+            enabled: 0,
             warned: false,
         }
     }
@@ -332,16 +341,9 @@ impl MsixVectors {
         }
         if self.vectors[vector].is_none() {
             let fd = crate::device::eventfd()?;
-            backend
-                .set_irqs(
-                    VFIO_PCI_MSIX_IRQ_INDEX,
-                    VFIO_IRQ_SET_ACTION_TRIGGER,
-                    vector as u32,
-                    &[fd.as_raw_fd()],
-                )
-                .map_err(|e| {
-                    PluginError::io(format!("vfio-pci {id}: MSI-X vector {vector}: set_irqs: {e}"))
-                })?;
+            self.give_backend(vector, &fd, backend).map_err(|e| {
+                PluginError::io(format!("vfio-pci {id}: MSI-X vector {vector}: set_irqs: {e}"))
+            })?;
             self.vectors[vector] = Some(Vector { fd, routed: None });
         }
         let Some(v) = self.vectors[vector].as_mut() else {
@@ -388,6 +390,28 @@ impl MsixVectors {
         Ok(())
     }
 
+    /// Hand `fd` to the backend as `vector`'s trigger. A NORESIZE backend
+    /// that has fewer vectors enabled is disabled and re-enabled with all
+    /// of them (vectors without an eventfd as -1).
+    fn give_backend(&mut self, vector: usize, fd: &OwnedFd, backend: &dyn VfioBackend) -> BackendResult<()> {
+        let set = |start: usize, fds: &[RawFd]| {
+            backend.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, start as u32, fds)
+        };
+        if !self.noresize || vector < self.enabled {
+            return set(vector, &[fd.as_raw_fd()]);
+        }
+        let mut fds: Vec<RawFd> =
+            self.vectors[..=vector].iter().map(|v| v.as_ref().map_or(-1, |v| v.fd.as_raw_fd())).collect();
+        fds[vector] = fd.as_raw_fd();
+        if self.enabled > 0 {
+            set(0, &[])?;
+            self.enabled = 0;
+        }
+        set(0, &fds)?;
+        self.enabled = fds.len();
+        Ok(())
+    }
+
     /// Bring every vector in line (control word changes, plug, restore).
     pub fn sync_all(
         &mut self,
@@ -431,6 +455,7 @@ impl MsixVectors {
         for v in self.vectors.iter_mut().filter_map(Option::take) {
             unroute(host, &v, id);
         }
+        self.enabled = 0;
         if let Err(e) = backend.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[]) {
             log::warn!("vfio-pci {id}: disabling MSI-X: {e}");
         }

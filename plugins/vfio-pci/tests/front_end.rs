@@ -12,9 +12,10 @@ use abi_suite::suite_host::{SuiteHost, SUITE_REGION_GPA};
 use dmhost_plugin_api::{
     backend::MemoryBackend,
     vfio::{
-        is_arc, VFIO_DEVICE_FLAGS_PCI, VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY,
-        VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX,
-        VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+        is_arc, VFIO_DEVICE_FLAGS_PCI, VFIO_IRQ_INFO_NORESIZE, VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY,
+        VFIO_MIGRATION_STOP_COPY, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
+        VFIO_PCI_MSI_IRQ_INDEX, VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ,
+        VFIO_REGION_INFO_FLAG_WRITE,
     },
     DeviceModel, IoSpace, MemoryRegion, MigState, PlugInfo, VfioDeviceInfo, VfioIrqInfo, VfioPrecopyInfo,
     VfioRegionInfo,
@@ -32,6 +33,8 @@ struct Faults {
     set_irqs: Vec<(u32, u32, usize)>,
     /// The eventfd the backend holds for each MSI-X vector.
     msix: std::collections::BTreeMap<u32, RawFd>,
+    /// MSI-X irq info says NORESIZE (no vectors added while enabled).
+    msix_noresize: bool,
     state: Option<MigState>,
     precopy_left: usize,
     stop_copy_left: usize,
@@ -104,7 +107,8 @@ impl VfioBackend for Mock {
             VFIO_PCI_MSIX_IRQ_INDEX => 4,
             _ => 0,
         };
-        Ok(VfioIrqInfo { index, flags: 1, count })
+        let noresize = index == VFIO_PCI_MSIX_IRQ_INDEX && self.f.lock().unwrap().msix_noresize;
+        Ok(VfioIrqInfo { index, flags: 1 | if noresize { VFIO_IRQ_INFO_NORESIZE } else { 0 }, count })
     }
     fn set_irqs(&self, index: u32, action: u32, start: u32, fds: &[RawFd]) -> BackendResult<()> {
         let mut f = self.f.lock().unwrap();
@@ -177,7 +181,12 @@ impl VfioBackend for Mock {
 }
 
 fn front_end() -> (VfioPci, SuiteHost, Arc<Mutex<Faults>>) {
+    front_end_with(false)
+}
+
+fn front_end_with(msix_noresize: bool) -> (VfioPci, SuiteHost, Arc<Mutex<Faults>>) {
     let (mock, f) = Mock::new();
+    f.lock().unwrap().msix_noresize = msix_noresize;
     let host = SuiteHost::new();
     let dev = VfioPci::with_backend("t0", Box::new(mock), None, true, host.host()).unwrap();
     (dev, host, f)
@@ -424,4 +433,31 @@ fn msix_vectors_route_mask_into_the_pba_and_deliver_on_unmask() {
     let left = host.state.lock().unwrap().leftovers();
     assert!(left.is_empty(), "{left:?}");
     assert!(f.lock().unwrap().msix.is_empty());
+}
+
+#[test]
+fn msix_on_a_noresize_backend_reenables_every_vector_to_grow() {
+    let (mut d, host, f) = front_end_with(true);
+    host.state.lock().unwrap().owned = Some((SUITE_REGION_GPA, 64 << 10));
+    d.plug(PlugInfo { region_gpa: Some(SUITE_REGION_GPA).into() }).unwrap();
+    d.pci_config_write(0x53, &[0x80]).unwrap();
+    let calls = |f: &Arc<Mutex<Faults>>| -> Vec<(u32, u32, usize)> {
+        f.lock().unwrap().set_irqs.iter().copied().filter(|c| c.0 == VFIO_PCI_MSIX_IRQ_INDEX).collect()
+    };
+    for (vector, data) in [(0u64, 0x45u32), (2, 0x47)] {
+        d.mmio_write(TABLE + 16 * vector, &0xfee0_0000u32.to_le_bytes()).unwrap();
+        d.mmio_write(TABLE + 16 * vector + 8, &data.to_le_bytes()).unwrap();
+        d.mmio_write(TABLE + 16 * vector + 12, &0u32.to_le_bytes()).unwrap();
+    }
+    const T: u32 = 1 << 5;
+    assert_eq!(calls(&f), [(2, T, 1), (2, T, 0), (2, T, 3)], "vector 2: disable, then 0..=2");
+    let held: Vec<u32> = f.lock().unwrap().msix.keys().copied().collect();
+    assert_eq!(held, [0, 2], "vector 1 has no eventfd (-1)");
+    assert_eq!(msix_routes(&host).len(), 2);
+    // Inside the enabled range: one vector at a time.
+    d.mmio_write(TABLE + 16, &0xfee0_0000u32.to_le_bytes()).unwrap();
+    assert_eq!(calls(&f).last(), Some(&(2, T, 1)));
+    assert_eq!(f.lock().unwrap().msix.len(), 3);
+    d.unplug().unwrap();
+    assert!(host.state.lock().unwrap().leftovers().is_empty());
 }
