@@ -461,3 +461,50 @@ fn msix_on_a_noresize_backend_reenables_every_vector_to_grow() {
     d.unplug().unwrap();
     assert!(host.state.lock().unwrap().leftovers().is_empty());
 }
+
+#[test]
+fn msix_table_and_pending_bits_migrate_with_config_space() {
+    let (mut src, shost, sf) = front_end();
+    shost.state.lock().unwrap().owned = Some((SUITE_REGION_GPA, 64 << 10));
+    src.plug(PlugInfo { region_gpa: Some(SUITE_REGION_GPA).into() }).unwrap();
+    src.mmio_write(TABLE + 16, &0x0000_0000_fee0_2000u64.to_le_bytes()).unwrap();
+    src.mmio_write(TABLE + 24, &0x0000_0000_0000_0051u64.to_le_bytes()).unwrap(); // data, unmasked
+    src.mmio_write(TABLE + 32, &0xfee0_3000u32.to_le_bytes()).unwrap(); // vector 2 stays masked
+    src.pci_config_write(0x53, &[0x80]).unwrap();
+    let fd2 = *sf.lock().unwrap().msix.get(&2).unwrap();
+    signal(fd2); // masked vector 2 fires: pending
+    src.save_setup().unwrap();
+    src.vm_state_changed(false).unwrap();
+    let section = src.save_live_complete_precopy().unwrap();
+    src.save_cleanup();
+
+    let (mut dst, dhost, f) = front_end();
+    dhost.state.lock().unwrap().owned = Some((SUITE_REGION_GPA, 64 << 10));
+    dst.plug(PlugInfo { region_gpa: Some(SUITE_REGION_GPA).into() }).unwrap();
+    dst.load_setup().unwrap();
+    dst.load_state(1, &section).unwrap();
+    dst.load_cleanup().unwrap();
+    assert_eq!(msix_routes(&dhost), [(0xfee0_2000, 0x51)], "enabled on load, vector 1 routed");
+    assert_eq!(mmio32(&mut dst, TABLE + 32), 0xfee0_3000);
+    assert_eq!(mmio32(&mut dst, TABLE + 44), 1, "vector 2 still masked");
+    assert_eq!(mmio32(&mut dst, PBA), 0b100, "its pending bit came along");
+    assert_eq!(f.lock().unwrap().msix.keys().copied().collect::<Vec<_>>(), [1, 2]);
+    // A config record whose MSI-X part is the wrong size is refused; one
+    // without it (an older source) loads with the table reset.
+    let mut cfg = [0u8; 256];
+    dst.pci_config_read(0, &mut cfg[..4]).unwrap();
+    let config_record = |extra: usize| {
+        let payload: Vec<u8> = cfg.iter().copied().chain(std::iter::repeat_n(0, extra)).collect();
+        let mut v = vfio_pci::migration::FLAG_DEV_CONFIG_STATE.to_le_bytes().to_vec();
+        v.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        v.extend_from_slice(&payload);
+        v
+    };
+    let (short, none) = (config_record(4 * 17 - 1), config_record(0));
+    let (mut other, _h, _) = front_end();
+    other.load_setup().unwrap();
+    let e = other.load_state(1, &short).unwrap_err();
+    assert!(e.message.contains("MSI-X"), "{e}");
+    other.load_state(1, &none).unwrap();
+    assert_eq!(other.msix().unwrap().table.entry(0).map(|e| e.masked()), Some(true));
+}
