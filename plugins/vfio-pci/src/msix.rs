@@ -427,7 +427,8 @@ impl MsixVectors {
         let mut first_err = None;
         for vector in 0..self.usable {
             if let Err(e) = self.sync_vector(vector, ctl, host, backend, id) {
-                log::warn!("{e}");
+                // The first error goes to the host, which rate-limits it.
+                log::debug!("{e}");
                 first_err.get_or_insert(e);
             }
         }
