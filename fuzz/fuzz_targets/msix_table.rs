@@ -2,7 +2,7 @@
 //! `cargo +nightly fuzz run msix_table`. The first 12 bytes are the
 //! device's MSI-X capability (control, table and PBA dwords), checked
 //! against BAR0 (16 KiB, 32-bit memory) and BAR2 (64 KiB, 64-bit memory)
-//! as config space checks it; then each 14-byte record is one access (op,
+//! as config space checks it; then each 15-byte record is one access (op,
 //! BAR, offset in the BAR (u32), width, 8 value bytes). Any layout, offset
 //! and width must be handled without a panic.
 #![no_main]
@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let mut table = MsixTable::new(cap);
     let _ = table.trap_ranges();
-    for r in data[12..].chunks_exact(14) {
+    for r in data[12..].chunks_exact(15) {
         let bar = u32::from(r[1] % 6);
         let offset = u64::from(u32::from_le_bytes([r[2], r[3], r[4], r[5]]));
         let len = [1, 2, 4, 8][usize::from(r[6] % 4)];
