@@ -8,7 +8,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use abi_suite::suite_host::{SuiteHost, SUITE_REGION_GPA};
+use abi_suite::suite_host::{eventfd_count, eventfd_signal, SuiteHost, SUITE_REGION_GPA};
 use dmhost_plugin_api::{
     backend::MemoryBackend,
     vfio::{
@@ -327,20 +327,7 @@ fn failed_transition_to_error_resets_and_fails_cleanly() {
 }
 
 fn signal(fd: RawFd) {
-    // SAFETY: an 8-byte write from a live buffer to an eventfd the front end keeps open.
-    let r = unsafe { libc::write(fd, 1u64.to_ne_bytes().as_ptr().cast(), 8) };
-    assert_eq!(r, 8);
-}
-
-fn count(fd: RawFd) -> u64 {
-    let mut b = [0u8; 8];
-    // SAFETY: an 8-byte read into a live buffer from a non-blocking eventfd.
-    let r = unsafe { libc::read(fd, b.as_mut_ptr().cast(), 8) };
-    if r == 8 {
-        u64::from_ne_bytes(b)
-    } else {
-        0
-    }
+    eventfd_signal(fd).unwrap();
 }
 
 const TABLE: u64 = SUITE_REGION_GPA + 0x2000;
@@ -381,19 +368,19 @@ fn msix_vectors_route_mask_into_the_pba_and_deliver_on_unmask() {
     assert_eq!(mmio32(&mut d, PBA), 0);
     signal(fd0);
     assert_eq!(mmio32(&mut d, PBA), 1, "pending while masked");
-    assert_eq!(count(fd0), 0, "the PBA read consumed the signal");
+    assert_eq!(eventfd_count(fd0), 0, "the PBA read consumed the signal");
     // Unmask: routed again and the pending message delivered once.
     d.mmio_write(TABLE + 12, &0u32.to_le_bytes()).unwrap();
     assert_eq!(msix_routes(&host), [(0xfee0_0000, 0x46)]);
     assert_eq!(mmio32(&mut d, PBA), 0);
-    assert_eq!(count(fd0), 1, "delivered through the routed eventfd");
+    assert_eq!(eventfd_count(fd0), 1, "delivered through the routed eventfd");
     // Function mask: the same, for every vector.
     d.pci_config_write(0x53, &[0xc0]).unwrap();
     assert!(msix_routes(&host).is_empty());
     signal(fd0);
     d.pci_config_write(0x53, &[0x80]).unwrap();
     assert_eq!(msix_routes(&host), [(0xfee0_0000, 0x46)]);
-    assert_eq!(count(fd0), 1, "what came under the function mask is delivered");
+    assert_eq!(eventfd_count(fd0), 1, "what came under the function mask is delivered");
     // Vector 3 by a 64-bit access pair; vector 4 does not exist.
     d.mmio_write(TABLE + 0x30, &0xfee0_1000u32.to_le_bytes()).unwrap();
     d.mmio_write(TABLE + 0x38, &0x0000_0000_0000_0050u64.to_le_bytes()).unwrap();
