@@ -79,7 +79,14 @@ fn guest_enumerates_programs_and_interrupts_the_vendor_device() {
     ] {
         assert!(out.contains(want), "no {want:?} in:\n{out}");
     }
-    let after = ioapic_lines(&vm).unwrap();
+    // A resample irqfd injects from a kernel work item: the guest may have
+    // seen the device's STATUS (and exited) before the line is up.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut after = ioapic_lines(&vm).unwrap();
+    while !after.asserted(INTX_GSI) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        after = ioapic_lines(&vm).unwrap();
+    }
     assert!(after.asserted(INTX_GSI), "the doorbell did not raise GSI {INTX_GSI}: {after:?}");
     assert!(after.masked & (1 << INTX_GSI) != 0, "the pin stays masked (no delivery to the guest)");
     // The BAR the guest placed is the device's MMIO range now.
