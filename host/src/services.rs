@@ -153,10 +153,14 @@ impl DeviceServices {
             }
             IoSpace::Mmio => {
                 let mut pm = vm.physmap.lock().unwrap_or_else(|p| p.into_inner());
-                pm.claim(base, size, self.0.owner.clone(), RangeUse::Mmio).map_err(|e| match e {
-                    PhysmapError::Overlap { .. } => denied(id, "register_io", e),
-                    other => PluginError::new(ErrorKind::InvalidState, other.to_string()),
-                })?;
+                // Pages the device unmapped from its own memory are
+                // trapped without a claim of their own.
+                if !pm.is_unmapped_own_memory(&self.0.owner, base, size) {
+                    pm.claim(base, size, self.0.owner.clone(), RangeUse::Mmio).map_err(|e| match e {
+                        PhysmapError::Overlap { .. } => denied(id, "register_io", e),
+                        other => PluginError::new(ErrorKind::InvalidState, other.to_string()),
+                    })?;
+                }
             }
         }
         if let Err(e) = vm.bus.insert(space, base, size, id, as_bus_device(&device)) {

@@ -330,3 +330,71 @@ fn bad_device_requests_fail_cleanly() {
     // The id and the range can be used again.
     create("testdev", "t", &format!(r#"{{"mmio-base":{MMIO}}}"#)).unwrap();
 }
+
+/// A device whose 4-page region has its second page cut out and trapped,
+/// as vfio-pci does around an MSI-X table: reads there return `HOLE`.
+struct HoleDevice {
+    memory: dmhost_plugin_api::backend::MemoryBackend,
+    host: dmhost_plugin_api::Host,
+    gpa: u64,
+}
+
+const HOLE: u64 = 0x4d53_4958_7461_626c;
+
+impl dmhost_plugin_api::DeviceModel for HoleDevice {
+    fn memory_region(&self) -> Option<dmhost_plugin_api::GuestRegion> {
+        let memory = self.memory.whole();
+        Some(dmhost_plugin_api::GuestRegion { memory, requested_gpa: None.into(), align: 4096 })
+    }
+    fn plug(&mut self, info: dmhost_plugin_api::PlugInfo) -> Result<(), dmhost_plugin_api::PluginError> {
+        self.gpa = info.region_gpa.into_option().expect("the host placed the region");
+        let hole = self.gpa + 0x1000;
+        self.host.physmap_remove(hole, 0x1000).into_result()?;
+        self.host.register_io(dmhost::vm::bus::IoSpace::Mmio, hole, 0x1000).into_result()?;
+        // A page still mapped cannot be trapped; nor another's range.
+        assert!(self.host.register_io(dmhost::vm::bus::IoSpace::Mmio, self.gpa + 0x2000, 0x1000).is_err());
+        Ok(())
+    }
+    fn mmio_read(&mut self, addr: u64, data: &mut [u8]) -> Result<(), dmhost_plugin_api::PluginError> {
+        let v = HOLE ^ (addr - self.gpa);
+        data.copy_from_slice(&v.to_le_bytes()[..data.len()]);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_device_traps_a_hole_it_cut_in_its_own_mapped_region() {
+    if !kvm_or_skip("a_device_traps_a_hole_it_cut_in_its_own_mapped_region") {
+        return;
+    }
+    let (vm, serial) = vm_with_serial(8 << 20);
+    let memory = dmhost_plugin_api::backend::MemoryBackend::memfd("holes", 0x4000).unwrap();
+    let info = vm
+        .add_device("holes", "h", |host| {
+            let model = HoleDevice { memory, host, gpa: 0 };
+            Ok(dmhost::devices::DeviceImpl::Builtin(Box::new(model)))
+        })
+        .unwrap();
+    let (gpa, _) = info.region.unwrap();
+    assert_eq!(info.mmio, vec![(gpa + 0x1000, 0x1000)], "{info:?}");
+    vm.write_guest(gpa + 0x8, &0x1111u64.to_le_bytes()).unwrap();
+    vm.write_guest(gpa + 0x2008, &0x2222u64.to_le_bytes()).unwrap();
+    let prog = program("holes", |a| {
+        region_of_entry(a, 0, r8)?;
+        a.mov(rax, qword_ptr(r8 + 0x8))?; // mapped memory
+        a.mov(qword_ptr(RESULTS), rax)?;
+        a.mov(rax, qword_ptr(r8 + 0x1008))?; // the hole: an MMIO exit to the device
+        a.mov(qword_ptr(RESULTS + 8), rax)?;
+        a.mov(rax, qword_ptr(r8 + 0x2008))?; // mapped memory past the hole
+        a.mov(qword_ptr(RESULTS + 16), rax)?;
+        print(a, "holes ok\n")?;
+        exit_with(a, 0)
+    })
+    .unwrap();
+    vm.load_program(&prog, &RegPreset::default()).unwrap();
+    assert_eq!(run(&vm), VmExit::Guest(0), "{}", serial.text());
+    let r = |i: u64| vm.ram().read_u64(RESULTS + 8 * i).unwrap();
+    assert_eq!((r(0), r(1), r(2)), (0x1111, HOLE ^ 0x1008, 0x2222));
+    vm.remove_device("h").unwrap();
+    assert!(vm.bus().ranges().iter().all(|r| r.owner != "h"), "the trapped hole went with the device");
+}

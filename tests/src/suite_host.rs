@@ -220,3 +220,29 @@ impl SuiteHost {
         })
     }
 }
+
+/// Drain an eventfd without blocking: its count, 0 when it was not
+/// signalled (the fd must be non-blocking, as devices create them).
+pub fn eventfd_count(fd: std::os::fd::RawFd) -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: an 8-byte read into a live buffer; the caller names an
+    // eventfd that stays open for the call.
+    let r = unsafe { libc::read(fd, b.as_mut_ptr().cast(), 8) };
+    if r == 8 {
+        u64::from_ne_bytes(b)
+    } else {
+        0
+    }
+}
+
+/// Signal an eventfd once, as a device raising its interrupt would.
+pub fn eventfd_signal(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    // SAFETY: an 8-byte write from a live buffer; the caller names an
+    // eventfd that stays open for the call.
+    let r = unsafe { libc::write(fd, 1u64.to_ne_bytes().as_ptr().cast(), 8) };
+    if r == 8 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

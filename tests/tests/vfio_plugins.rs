@@ -12,7 +12,7 @@ use std::{
 };
 
 use abi_stable::library::lib_header_from_path;
-use abi_suite::suite_host::SuiteHost;
+use abi_suite::suite_host::{eventfd_count, SuiteHost};
 use dmhost_plugin_api::{DeviceBox, PlugInfo, PluginModule_Ref, RSlice, RSliceMut, RStr};
 
 fn library(name: &str) -> PathBuf {
@@ -92,18 +92,6 @@ impl Dev {
     fn intx_fd(&self) -> RawFd {
         let s = self.host.state.lock().unwrap();
         s.irqfds.iter().find(|(gsi, _)| *gsi == 10).expect("INTx irqfd registered").1
-    }
-}
-
-fn eventfd_count(fd: RawFd) -> u64 {
-    let mut b = [0u8; 8];
-    // SAFETY: an 8-byte read into a live buffer; the fd is the device's
-    // eventfd, open while the device is plugged.
-    let r = unsafe { libc::read(fd, b.as_mut_ptr().cast(), 8) };
-    if r == 8 {
-        u64::from_ne_bytes(b)
-    } else {
-        0
     }
 }
 

@@ -15,6 +15,7 @@ pub const NAMES: &[&str] = &[
     "mmio-loop",
     "nvdimm-acpi",
     "vfio-demo",
+    "vfio-msix",
     "vfio-verify",
 ];
 
@@ -35,6 +36,7 @@ pub fn builtin(name: &str) -> Result<GuestProgram, GuestError> {
         "fill-idle" => super::bench_programs::fill_idle(),
         "vfio-demo" => super::vfio_programs::vfio_demo(),
         "vfio-verify" => super::vfio_programs::vfio_verify(),
+        "vfio-msix" => super::vfio_programs::vfio_msix(),
         other => Err(GuestError::UnknownBuiltin(other.to_owned())),
     }
 }

@@ -18,9 +18,21 @@
 //!   iterations per round. Prints `vfio-verify: 0x... rounds verified`
 //!   and exits 0.
 //!
+//! - `vfio-msix`: the same set-up, then finds the MSI-X capability, checks
+//!   its table and PBA are in BAR0, programs vector 0 (64-bit address
+//!   write) for local APIC vector [`MSIX_VECTOR_A`] unmasked and vector 1
+//!   for [`MSIX_VECTOR_B`] masked, enables MSI-X, and rings the doorbell
+//!   for vector 0 (the host sees `A` in the local APIC's IRR), then for
+//!   vector 1, which only sets its PBA bit (read back). It waits (parking
+//!   through port `0x502`) until the host writes 1 at [`MSIX_GO_GPA`],
+//!   unmasks vector 1 and checks the PBA bit cleared: the host sees `B`.
+//!   Prints `vfio-msix: ok` and exits 0.
+//!
 //! Exit codes: 2 device not found, 3 bad BAR, 4 bad ID register, 5
 //! scratch mismatch, 6 interrupt already pending, 7 no interrupt, 8 bad
-//! doorbell count, 9 a check failed in `vfio-verify`.
+//! doorbell count, 9 a check failed in `vfio-verify`, 10 no usable MSI-X
+//! capability, 11 the masked vector's PBA bit never set, 12 the host never
+//! said go, 13 the PBA bit stayed set after unmasking.
 
 use super::{asm::*, GuestError, GuestProgram};
 use crate::pci::{CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT, ENABLE, MMIO_WINDOW_BASE};
@@ -36,6 +48,13 @@ const REG_DOORBELL: i32 = 0x010;
 const REG_DOORBELL_COUNT: i32 = 0x014;
 const REG_TOUCH: i32 = 0x038;
 const REG_SCRATCH: i32 = 0x100;
+/// Local APIC vectors `vfio-msix` programs into MSI-X vectors 0 and 1.
+pub const MSIX_VECTOR_A: u32 = 0x45;
+pub const MSIX_VECTOR_B: u32 = 0x46;
+/// Where the host writes 1 to let `vfio-msix` unmask vector 1 (guest RAM
+/// past the program).
+pub const MSIX_GO_GPA: u64 = 0x30_0000;
+const MSI_ADDRESS: u32 = 0xfee0_0000;
 /// Rounds of `vfio-verify` when `r12` is 0.
 pub const DEFAULT_ROUNDS: u64 = 400;
 const K_ROUND: u32 = 0x9E37_79B1;
@@ -332,6 +351,135 @@ pub fn vfio_verify() -> Result<GuestProgram, GuestError> {
     })
 }
 
+/// `vfio-msix` (see the module docs).
+pub fn vfio_msix() -> Result<GuestProgram, GuestError> {
+    program("vfio-msix", |a| {
+        let mut walk = a.create_label();
+        let mut found = a.create_label();
+        let mut no_cap = a.create_label();
+        let mut poll = a.create_label();
+        let mut pending = a.create_label();
+        let mut no_pba = a.create_label();
+        let mut wait = a.create_label();
+        let mut go = a.create_label();
+        let mut no_go = a.create_label();
+        let mut stuck = a.create_label();
+        setup(a, "vfio-msix")?;
+        // Walk the capability list for MSI-X (ID 0x11): r12d = its offset.
+        a.mov(eax, r13d)?;
+        a.or(eax, 0x34)?;
+        cfg_read(a)?;
+        a.and(eax, 0xfc)?;
+        a.mov(r12d, eax)?;
+        a.mov(r10d, 48)?;
+        a.set_label(&mut walk)?;
+        a.test(r12d, r12d)?;
+        a.jz(no_cap)?;
+        a.mov(eax, r13d)?;
+        a.or(eax, r12d)?;
+        cfg_read(a)?;
+        a.cmp(al, 0x11)?;
+        a.je(found)?;
+        a.shr(eax, 8u32)?;
+        a.and(eax, 0xfc)?;
+        a.mov(r12d, eax)?;
+        a.dec(r10d)?;
+        a.jnz(walk)?;
+        a.jmp(no_cap)?;
+        a.set_label(&mut found)?;
+        // Table (r15) and PBA (rbp), both in BAR0 (BIR 0).
+        a.mov(eax, r13d)?;
+        a.or(eax, r12d)?;
+        a.add(eax, 4)?;
+        cfg_read(a)?;
+        a.test(eax, 7)?;
+        a.jnz(no_cap)?;
+        a.lea(r15, qword_ptr(r14 + rax))?;
+        a.mov(eax, r13d)?;
+        a.or(eax, r12d)?;
+        a.add(eax, 8)?;
+        cfg_read(a)?;
+        a.test(eax, 7)?;
+        a.jnz(no_cap)?;
+        a.lea(rbp, qword_ptr(r14 + rax))?;
+        a.mov(rax, r15)?;
+        print_hex(a, "vfio-msix: table at ")?;
+        a.mov(rax, rbp)?;
+        print_hex(a, ", PBA at ")?;
+        print(a, "\n")?;
+        // Vector 0 -> A, unmasked (the address as one 64-bit write);
+        // vector 1 -> B, masked.
+        a.mov(eax, MSI_ADDRESS)?;
+        a.mov(qword_ptr(r15), rax)?;
+        a.mov(dword_ptr(r15 + 8), MSIX_VECTOR_A)?;
+        a.mov(dword_ptr(r15 + 12), 0)?;
+        a.mov(dword_ptr(r15 + 16), MSI_ADDRESS as i32)?;
+        a.mov(dword_ptr(r15 + 20), 0)?;
+        a.mov(dword_ptr(r15 + 24), MSIX_VECTOR_B)?;
+        a.mov(dword_ptr(r15 + 28), 1)?;
+        // Enable MSI-X (control bit 15), function mask (bit 14) clear.
+        a.mov(eax, r13d)?;
+        a.or(eax, r12d)?;
+        cfg_read(a)?;
+        a.or(eax, 0x8000_0000u32 as i32)?;
+        a.and(eax, 0xbfff_ffffu32 as i32)?;
+        a.mov(ebx, eax)?;
+        a.mov(eax, r13d)?;
+        a.or(eax, r12d)?;
+        cfg_write(a)?;
+        a.mov(dword_ptr(r14 + REG_CONTROL), 1)?;
+        a.mov(dword_ptr(r14 + REG_DOORBELL), 0)?;
+        print(a, "vfio-msix: vector 0 rung\n")?;
+        // Vector 1 is masked: its PBA bit sets instead.
+        a.mov(dword_ptr(r14 + REG_DOORBELL), 1)?;
+        a.mov(ecx, 1000)?;
+        a.set_label(&mut poll)?;
+        a.mov(eax, dword_ptr(rbp))?;
+        a.test(eax, 2)?;
+        a.jnz(pending)?;
+        a.dec(ecx)?;
+        a.jnz(poll)?;
+        a.jmp(no_pba)?;
+        a.set_label(&mut pending)?;
+        print_hex(a, "vfio-msix: vector 1 masked, PBA ")?;
+        print(a, "\n")?;
+        // Wait for the host's go (it checks that B did not arrive).
+        a.mov(r10d, 30_000)?;
+        a.set_label(&mut wait)?;
+        a.mov(rax, MSIX_GO_GPA)?;
+        a.cmp(dword_ptr(rax), 1)?;
+        a.je(go)?;
+        a.mov(dx, crate::vm::vcpu::PORT_IDLE as u32)?;
+        a.mov(eax, 1000)?;
+        a.out(dx, eax)?;
+        a.dec(r10d)?;
+        a.jnz(wait)?;
+        a.jmp(no_go)?;
+        a.set_label(&mut go)?;
+        a.mov(dword_ptr(r15 + 28), 0)?;
+        a.mov(eax, dword_ptr(rbp))?;
+        a.test(eax, 2)?;
+        a.jnz(stuck)?;
+        print_hex(a, "vfio-msix: vector 1 unmasked, PBA ")?;
+        print(a, "\nvfio-msix: ok\n")?;
+        exit_with(a, 0)?;
+
+        a.set_label(&mut no_cap)?;
+        print(a, "vfio-msix: no MSI-X capability with its table in BAR0\n")?;
+        exit_with(a, 10)?;
+        a.set_label(&mut no_pba)?;
+        print(a, "vfio-msix: the masked vector's PBA bit never set\n")?;
+        exit_with(a, 11)?;
+        a.set_label(&mut no_go)?;
+        print(a, "vfio-msix: the host never said go\n")?;
+        exit_with(a, 12)?;
+        a.set_label(&mut stuck)?;
+        print_hex(a, "vfio-msix: PBA still pending after unmask: ")?;
+        print(a, "\n")?;
+        exit_with(a, 13)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,6 +488,7 @@ mod tests {
     fn assemble() {
         assert!(!vfio_demo().unwrap().code.is_empty());
         assert!(!vfio_verify().unwrap().code.is_empty());
+        assert!(!vfio_msix().unwrap().code.is_empty());
         assert_ne!(scratch_value(1, 0), scratch_value(2, 0));
         assert_ne!(scratch_value(1, 0), scratch_value(1, 1));
     }

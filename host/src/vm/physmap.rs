@@ -184,9 +184,21 @@ impl Physmap {
         Ok(())
     }
 
-    /// Drop the claim `owner` made at exactly `gpa`.
+    /// Whether `[gpa, gpa+size)` lies in `owner`'s device memory with
+    /// nothing mapped there: a device may trap such pages as MMIO (the
+    /// holes it cut in a mapping, e.g. an MSI-X table) without a claim.
+    pub fn is_unmapped_own_memory(&self, owner: &Owner, gpa: u64, size: u64) -> bool {
+        let Some(end) = gpa.checked_add(size).filter(|_| size > 0) else {
+            return false;
+        };
+        matches!(owner, Owner::Device(_))
+            && self.check_owner(owner, gpa, end).is_ok()
+            && self.mappings.range(..end).next_back().is_none_or(|(&b, m)| b + m.size <= gpa)
+    }
+
+    /// Drop the MMIO claim `owner` made at exactly `gpa`.
     pub fn unclaim(&mut self, gpa: u64, owner: &Owner) -> bool {
-        if self.claims.get(&gpa).is_some_and(|c| &c.owner == owner) {
+        if self.claims.get(&gpa).is_some_and(|c| &c.owner == owner && c.usage == RangeUse::Mmio) {
             self.claims.remove(&gpa);
             true
         } else {
@@ -521,5 +533,27 @@ mod tests {
             Err(PhysmapError::Overlap { .. })
         ));
         assert!(p.unclaim(0xd000_0000, &dev("a")));
+    }
+
+    #[test]
+    fn holes_in_own_device_memory_may_be_trapped() {
+        let (mut p, slots) = (Physmap::new(4 << 30, 8 << 30), FakeSlots::default());
+        let gpa = 0x1_0000_0000;
+        p.claim(gpa, 4 * PAGE_SIZE, dev("a"), RangeUse::DeviceMemory).unwrap();
+        p.set_backing(
+            dev("a"),
+            Backing { host_addr: 0x7000_0000_0000, size: 4 * PAGE_SIZE, read_only: false },
+        );
+        p.map(&slots, &dev("a"), gpa, 4 * PAGE_SIZE, 0).unwrap();
+        let hole = gpa + PAGE_SIZE;
+        assert!(!p.is_unmapped_own_memory(&dev("a"), hole, PAGE_SIZE), "still mapped");
+        p.unmap(&slots, &dev("a"), hole, PAGE_SIZE).unwrap();
+        assert!(p.is_unmapped_own_memory(&dev("a"), hole, PAGE_SIZE));
+        assert!(!p.is_unmapped_own_memory(&dev("a"), hole, 2 * PAGE_SIZE), "runs into a mapping");
+        assert!(!p.is_unmapped_own_memory(&dev("b"), hole, PAGE_SIZE), "another device's memory");
+        assert!(!p.is_unmapped_own_memory(&dev("a"), gpa + 4 * PAGE_SIZE, PAGE_SIZE), "outside it");
+        assert!(!p.is_unmapped_own_memory(&dev("a"), u64::MAX, 2), "wraps");
+        assert!(!p.unclaim(gpa, &dev("a")), "device memory is not an MMIO claim");
+        assert_eq!(p.owner_of(gpa), Some(&dev("a")));
     }
 }

@@ -72,10 +72,75 @@ pub struct MsiCap {
     pub per_vector_mask: bool,
 }
 
+/// The MSI-X capability: where its table and PBA live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MsixCap {
     pub offset: usize,
+    /// Vectors (the encoded N-1 plus one): 1..=2048.
     pub table_size: u16,
+    pub table_bar: u32,
+    pub table_offset: u64,
+    pub pba_bar: u32,
+    pub pba_offset: u64,
+}
+
+/// Bytes of one MSI-X table entry.
+pub const MSIX_ENTRY_SIZE: u64 = 16;
+/// MSI-X message control: enable, function mask.
+pub const MSIX_CTRL_ENABLE: u16 = 1 << 15;
+pub const MSIX_CTRL_MASKALL: u16 = 1 << 14;
+
+impl MsixCap {
+    /// Decode the capability at `offset` of `bytes`: message control, then
+    /// the table and PBA dwords (BAR indicator in bits 2:0, offset above).
+    pub fn parse(bytes: &[u8], offset: usize) -> Option<Self> {
+        let b = bytes.get(offset..offset.checked_add(12)?)?;
+        let ctl = rd16(b, 2);
+        let (table, pba) = (rd32(b, 4), rd32(b, 8));
+        Some(Self {
+            offset,
+            table_size: (ctl & 0x7ff) + 1,
+            table_bar: table & 7,
+            table_offset: u64::from(table & !7),
+            pba_bar: pba & 7,
+            pba_offset: u64::from(pba & !7),
+        })
+    }
+
+    pub fn table_len(&self) -> u64 {
+        u64::from(self.table_size) * MSIX_ENTRY_SIZE
+    }
+
+    /// One pending bit per vector, in whole qwords.
+    pub fn pba_len(&self) -> u64 {
+        u64::from(self.table_size).div_ceil(64) * 8
+    }
+
+    /// Why the table or PBA cannot live where the capability says, given
+    /// each BAR's kind and size.
+    pub fn check(&self, bars: &[Option<Bar>; 6]) -> Result<(), String> {
+        for (what, bar, off, len) in [
+            ("table", self.table_bar, self.table_offset, self.table_len()),
+            ("PBA", self.pba_bar, self.pba_offset, self.pba_len()),
+        ] {
+            let b = bars.get(bar as usize).copied().flatten();
+            match b {
+                Some(b) if b.kind != BarKind::Io && off + len <= b.size => {}
+                Some(b) => {
+                    return Err(format!(
+                        "MSI-X {what} at BAR{bar}+{off:#x} ({len} bytes) does not fit the {:?} BAR of {:#x} bytes",
+                        b.kind, b.size
+                    ))
+                }
+                None => return Err(format!("MSI-X {what} is in BAR{bar}, which the device does not have")),
+            }
+        }
+        let (t, p) = (self.table_offset, self.pba_offset);
+        if self.table_bar == self.pba_bar && t < p + self.pba_len() && p < t + self.table_len() {
+            return Err(format!("MSI-X table at {t:#x} and PBA at {p:#x} overlap"));
+        }
+        Ok(())
+    }
 }
 
 /// A side effect of a config write the device must act on.
@@ -212,15 +277,25 @@ impl ConfigSpace {
             seen += 1;
             match self.bytes[ptr] {
                 CAP_ID_MSI => self.virtualise_msi(ptr),
-                CAP_ID_MSIX if ptr + 12 <= CONFIG_LEN => {
-                    let ctl = rd16(&self.bytes, ptr + 2);
-                    self.set16(ptr + 2, ctl & 0x07ff); // disabled, unmasked
-                    self.wmask[ptr + 3] = 0xc0; // enable, function mask
-                    self.msix = Some(MsixCap { offset: ptr, table_size: (ctl & 0x7ff) + 1 });
-                }
+                CAP_ID_MSIX => self.virtualise_msix(ptr),
                 _ => {}
             }
             link = ptr + 1;
+        }
+    }
+
+    fn virtualise_msix(&mut self, at: usize) {
+        let Some(cap) = MsixCap::parse(&self.bytes, at) else {
+            return;
+        };
+        let ctl = rd16(&self.bytes, at + 2);
+        self.set16(at + 2, ctl & 0x07ff); // disabled, unmasked
+        match cap.check(&self.bars) {
+            Ok(()) => {
+                self.wmask[at + 3] = 0xc0; // enable, function mask
+                self.msix = Some(cap);
+            }
+            Err(e) => log::warn!("vfio-pci: {e}; MSI-X left read-only (disabled)"),
         }
     }
 
@@ -414,8 +489,18 @@ impl ConfigSpace {
         Some((ctl & 1 != 0, vectors, addr, u32::from(rd16(&self.bytes, data_at))))
     }
 
+    pub fn msix(&self) -> Option<MsixCap> {
+        self.msix
+    }
+
+    /// MSI-X message control: (enabled, function mask).
+    pub fn msix_control(&self) -> (bool, bool) {
+        let ctl = self.msix.map_or(0, |m| rd16(&self.bytes, m.offset + 2));
+        (ctl & MSIX_CTRL_ENABLE != 0, ctl & MSIX_CTRL_MASKALL != 0)
+    }
+
     pub fn msix_enabled(&self) -> bool {
-        self.msix.is_some_and(|m| self.bytes[m.offset + 3] & 0x80 != 0)
+        self.msix_control().0
     }
 
     pub fn intx_disabled(&self) -> bool {
@@ -476,6 +561,8 @@ mod tests {
         raw[0x60] = CAP_ID_MSIX;
         raw[0x61] = 0x70;
         raw[0x62..0x64].copy_from_slice(&0x0007u16.to_le_bytes());
+        raw[0x64..0x68].copy_from_slice(&0x0000_0800u32.to_le_bytes()); // table: BAR0+0x800
+        raw[0x68..0x6c].copy_from_slice(&0x0000_0c02u32.to_le_bytes()); // PBA: BAR2+0xc00
         raw[0x70] = 0x09; // vendor specific
         raw[0x71] = 0x00;
         ConfigSpace::build(raw, &[4096, 0, 1 << 20, 0, 32, 0], 65536, true)
@@ -592,6 +679,58 @@ mod tests {
         assert!(fx.contains(&ConfigEffect::MsixControl));
         assert!(c.msix_enabled());
         assert_eq!(r32(&c, 0x60) >> 16, 0xc007, "table size read-only");
+    }
+
+    #[test]
+    fn msix_capability_layout_is_parsed_and_checked() {
+        let c = sample();
+        let m = c.msix().unwrap();
+        assert_eq!(
+            (m.offset, m.table_size, m.table_bar, m.table_offset, m.pba_bar, m.pba_offset),
+            (0x60, 8, 0, 0x800, 2, 0xc00)
+        );
+        assert_eq!((m.table_len(), m.pba_len()), (128, 8));
+        assert_eq!(c.msix_control(), (false, false));
+        // 2048 vectors: 32 KiB of table, 256 bytes of PBA.
+        let mut raw = [0u8; 16];
+        raw[2..4].copy_from_slice(&0x07ffu16.to_le_bytes());
+        raw[4..8].copy_from_slice(&0x1000_0003u32.to_le_bytes());
+        raw[8..12].copy_from_slice(&0x0000_4005u32.to_le_bytes());
+        let big = MsixCap::parse(&raw, 0).unwrap();
+        assert_eq!((big.table_size, big.table_len(), big.pba_len()), (2048, 32768, 256));
+        assert_eq!(
+            (big.table_bar, big.table_offset, big.pba_bar, big.pba_offset),
+            (3, 0x1000_0000, 5, 0x4000)
+        );
+        assert!(MsixCap::parse(&raw, 5).is_none(), "runs past the end");
+        assert!(MsixCap::parse(&raw, usize::MAX).is_none());
+
+        // Where the structures may not live: each refused, MSI-X left off.
+        let layouts: [(u32, u32, &str); 6] = [
+            (0x0000_0800, 0x0000_0806, "BAR6"),         // PBA BIR 6
+            (0x0000_0801, 0x0000_0c00, "BAR1"),         // upper half of nothing
+            (0x0000_0804, 0x0000_0c00, "Io"),           // I/O BAR
+            (0x0000_0fc0, 0x0000_0800, "does not fit"), // 0xfc0 + 128 > 4 KiB
+            (0x0000_0800, 0x0000_0840, "overlap"),
+            (0xffff_fff8, 0x0000_0800, "does not fit"),
+        ];
+        for (table, pba, why) in layouts {
+            let mut raw = [0u8; CONFIG_LEN];
+            raw[PCI_STATUS] = 0x10;
+            raw[PCI_CAP_PTR] = 0x60;
+            raw[0x20] = 1; // BAR4: I/O
+            raw[0x60] = CAP_ID_MSIX;
+            raw[0x62..0x64].copy_from_slice(&0x0007u16.to_le_bytes());
+            raw[0x64..0x68].copy_from_slice(&table.to_le_bytes());
+            raw[0x68..0x6c].copy_from_slice(&pba.to_le_bytes());
+            let mut c = ConfigSpace::build(raw, &[4096, 0, 0, 0, 4096, 0], 0, false);
+            let m = MsixCap::parse(&raw, 0x60).unwrap();
+            let e = m.check(&c.bars).unwrap_err();
+            assert!(e.contains(why), "{table:#x}/{pba:#x}: {e}");
+            assert!(c.msix().is_none());
+            c.write(0x63, &[0xff]).unwrap();
+            assert_eq!(c.msix_control(), (false, false), "control stays read-only");
+        }
     }
 
     #[test]

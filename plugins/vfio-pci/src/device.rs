@@ -19,10 +19,12 @@ use crate::{
     config_space::{ConfigEffect, ConfigSpace},
     kernel::KernelBackend,
     migration::{Migration, STATE_VERSION},
+    msix::{Control, Hit, MsixVectors},
     vendor::VendorBackend,
 };
 
-fn eventfd() -> Result<OwnedFd, PluginError> {
+/// A non-blocking eventfd for an interrupt vector.
+pub(crate) fn eventfd() -> Result<OwnedFd, PluginError> {
     // SAFETY: plain eventfd creation; the result is checked.
     let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
     if fd < 0 {
@@ -41,6 +43,8 @@ struct Intx {
 struct DirectRegion {
     index: u32,
     region: MemoryRegion,
+    /// Pages of it that stay trapped (MSI-X), page aligned.
+    trap: Option<(u64, u64)>,
 }
 
 pub struct VfioPci {
@@ -56,6 +60,8 @@ pub struct VfioPci {
     /// MSI vectors enabled in the backend, with whether the host routes them.
     msi: Vec<(OwnedFd, bool)>,
     msi_warned: bool,
+    /// MSI-X: the shadow table and its vectors (when the device has it).
+    msix: Option<MsixVectors>,
     plugged: bool,
 }
 
@@ -99,14 +105,22 @@ impl VfioPci {
             .map_err(|e| PluginError::io(format!("vfio-pci {id}: {e}")))?;
         // The first mmap-able BAR is the device's guest region.
         let mut direct = None;
+        let mut direct_trap = None;
         for bar in config.bars() {
             match backend.region_mmap(bar.index) {
                 Ok(Some(region)) if region.size == bar.size && region.host_addr % 4096 == 0 => {
-                    direct = Some(DirectRegion { index: bar.index, region });
+                    direct = Some(DirectRegion { index: bar.index, region, trap: None });
                     break;
                 }
                 Ok(_) => {}
                 Err(e) => log::debug!("vfio-pci {id}: BAR{} mmap: {e}", bar.index),
+            }
+        }
+        let msix = config.msix().map(|cap| MsixVectors::new(cap, &*backend));
+        if let (Some(d), Some(m)) = (direct.as_ref(), msix.as_ref()) {
+            direct_trap = m.table.trap_in(d.index);
+            if let Some((off, len)) = direct_trap {
+                log::info!("vfio-pci {id}: BAR{} +{off:#x}+{len:#x} (MSI-X) stays trapped", d.index);
             }
         }
         let migration = Migration::new(&*backend, allow_precopy);
@@ -122,12 +136,13 @@ impl VfioPci {
             backend,
             config,
             bars: BarMap::default(),
-            direct,
+            direct: direct.map(|d| DirectRegion { trap: direct_trap, ..d }),
             migration,
             intx_gsi,
             intx: None,
             msi: Vec::new(),
             msi_warned: false,
+            msix,
             plugged: false,
         })
     }
@@ -141,7 +156,7 @@ impl VfioPci {
     }
 
     fn direct_bar(&self) -> Option<DirectBar> {
-        self.direct.as_ref().map(|d| DirectBar { index: d.index, size: d.region.size })
+        self.direct.as_ref().map(|d| DirectBar { index: d.index, size: d.region.size, trap: d.trap })
     }
 
     fn sync_bars(&mut self) {
@@ -247,18 +262,12 @@ impl VfioPci {
     fn apply_effects(&mut self, effects: &[ConfigEffect]) -> Result<(), PluginError> {
         let mut bars = false;
         let mut msi = false;
+        let mut msix = false;
         for fx in effects {
             match *fx {
                 ConfigEffect::Decode | ConfigEffect::BarWritten(_) => bars = true,
                 ConfigEffect::MsiControl | ConfigEffect::MsiRoute => msi = true,
-                ConfigEffect::MsixControl => {
-                    if self.config.msix_enabled() {
-                        log::warn!(
-                            "vfio-pci {}: MSI-X is not emulated yet; the guest should use MSI or INTx",
-                            self.id
-                        );
-                    }
-                }
+                ConfigEffect::MsixControl => msix = true,
                 ConfigEffect::IntxDisable => {}
                 ConfigEffect::Forward { offset, len } => {
                     let bytes = self.config.bytes()[offset..offset + len].to_vec();
@@ -276,7 +285,86 @@ impl VfioPci {
         if msi {
             self.update_msi()?;
         }
+        if msix {
+            self.update_msix()?;
+        }
         Ok(())
+    }
+
+    fn msix_control(&self) -> Control {
+        let (enabled, function_masked) = self.config.msix_control();
+        Control { enabled: enabled && self.plugged, function_masked }
+    }
+
+    /// Follow the guest's MSI-X enable and function mask.
+    fn update_msix(&mut self) -> Result<(), PluginError> {
+        let ctl = self.msix_control();
+        match self.msix.as_mut() {
+            Some(m) => m.sync_all(ctl, &self.host, &*self.backend, &self.id),
+            None => Ok(()),
+        }
+    }
+
+    fn teardown_msix(&mut self) {
+        if let Some(m) = self.msix.as_mut() {
+            m.teardown(&self.host, &*self.backend, &self.id);
+        }
+    }
+
+    /// A guest access to the MSI-X table or PBA; `false` when it is not one.
+    fn msix_access(
+        &mut self,
+        index: u32,
+        offset: u64,
+        read: Option<&mut [u8]>,
+        write: &[u8],
+    ) -> Result<bool, PluginError> {
+        let ctl = self.msix_control();
+        let len = read.as_ref().map_or(write.len(), |b| b.len());
+        let Some(m) = self.msix.as_mut() else {
+            return Ok(false);
+        };
+        let Some(hit) = m.table.hit(index, offset, len) else {
+            return Ok(false);
+        };
+        match read {
+            Some(buf) => {
+                if hit == Hit::Pba {
+                    m.collect_pending();
+                }
+                m.table.read(hit, offset, buf);
+            }
+            None => {
+                if let Some(vector) = m.table.write(hit, offset, write) {
+                    m.sync_vector(vector, ctl, &self.host, &*self.backend, &self.id)?;
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Function reset, as QEMU's vfio_pci_reset: interrupts off (MSI,
+    /// MSI-X; the table back to all vectors masked), then the device reset.
+    pub fn reset(&mut self) -> Result<(), PluginError> {
+        self.teardown_msi();
+        self.teardown_msix();
+        if let Some(m) = self.msix.as_mut() {
+            m.table.reset();
+        }
+        let mut fx = Vec::new();
+        if let Some(cap) = self.config.msix() {
+            fx.extend(self.config.write(cap.offset as u32 + 2, &[0, 0]).map_err(|e| self.err(e))?);
+        }
+        if let Some(cap) = self.config.msi() {
+            fx.extend(self.config.write(cap.offset as u32 + 2, &[0, 0]).map_err(|e| self.err(e))?);
+        }
+        self.apply_effects(&fx)?;
+        self.backend.reset().map_err(|e| self.err(format!("reset: {e}")))
+    }
+
+    /// The MSI-X vectors (for tests and diagnostics).
+    pub fn msix(&self) -> Option<&MsixVectors> {
+        self.msix.as_ref()
     }
 
     fn bar_access(
@@ -293,6 +381,10 @@ impl VfioPci {
             }
             return Ok(());
         };
+        let mut read = read;
+        if self.msix_access(index, offset, read.as_deref_mut(), write)? {
+            return Ok(());
+        }
         let r = match read {
             Some(buf) => self.backend.region_read(index, offset, buf),
             None if index == dmhost_plugin_api::vfio::VFIO_PCI_ROM_REGION_INDEX => Ok(()),
@@ -330,7 +422,7 @@ impl DeviceModel for VfioPci {
         if let (Some(d), Some(gpa)) = (&self.direct, info.region_gpa.into_option()) {
             // The host mapped the BAR's memory at `gpa`: that is where the
             // BAR decodes until the guest moves it.
-            let (index, size) = (d.index, d.region.size);
+            let (index, size, trap) = (d.index, d.region.size, d.trap);
             let at = 0x10 + 4 * index;
             let mut fx = self.config.write(at, &(gpa as u32).to_le_bytes()).map_err(|e| self.err(e))?;
             if self.config.bar(index).is_some_and(|b| b.kind == crate::config_space::BarKind::Mem64) {
@@ -346,7 +438,11 @@ impl DeviceModel for VfioPci {
             let forward: Vec<_> =
                 fx.into_iter().filter(|f| matches!(f, ConfigEffect::Forward { .. })).collect();
             self.apply_effects(&forward)?;
-            self.bars.adopt(Mapping { index, space: IoSpace::Mmio, gpa, size, direct: true });
+            self.bars.adopt(
+                Mapping { index, space: IoSpace::Mmio, gpa, size, direct: true, trap },
+                &self.host,
+                &self.id,
+            );
         }
         if let Err(e) = self.setup_intx() {
             self.plugged = false;
@@ -354,6 +450,7 @@ impl DeviceModel for VfioPci {
         }
         self.sync_bars();
         self.update_msi()?;
+        self.update_msix()?;
         log::info!("vfio-pci {} plugged", self.id);
         Ok(())
     }
@@ -361,6 +458,7 @@ impl DeviceModel for VfioPci {
     fn unplug(&mut self) -> Result<(), PluginError> {
         self.bars.clear(&self.host, &self.id);
         self.teardown_msi();
+        self.teardown_msix();
         self.teardown_intx();
         self.plugged = false;
         log::info!("vfio-pci {} unplugged", self.id);
@@ -409,7 +507,12 @@ impl DeviceModel for VfioPci {
         r.map_err(|e| self.mig_err(e))
     }
     fn save_live_complete_precopy(&mut self) -> Result<Vec<u8>, PluginError> {
-        let config = self.config.save();
+        // Config space, then the MSI-X table and pending bits.
+        let mut config = self.config.save();
+        if let Some(m) = &mut self.msix {
+            m.collect_pending();
+            config.extend(m.table.save());
+        }
         let r = self.migration.save_complete(&mut *self.backend, &config);
         r.map_err(|e| self.mig_err(e))
     }
@@ -425,12 +528,28 @@ impl DeviceModel for VfioPci {
         let Some(saved) = r.map_err(|e| self.mig_err(e))? else {
             return Ok(());
         };
-        self.config
-            .restore(&saved)
-            .map_err(|e| PluginError::migration(format!("vfio-pci {}: {e}", self.id)))?;
+        let mig_err =
+            |e: &dyn std::fmt::Display| PluginError::migration(format!("vfio-pci {}: {e}", self.id));
+        let (config, msix) = saved.split_at(saved.len().min(crate::config_space::CONFIG_LEN));
+        match &mut self.msix {
+            // A stream without the table (an older source) leaves it reset.
+            Some(m) if !msix.is_empty() => m.table.restore(msix).map_err(|e| mig_err(&e))?,
+            None if !msix.is_empty() => {
+                return Err(mig_err(&format_args!(
+                    "{} bytes of MSI-X state for a device without MSI-X",
+                    msix.len()
+                )))
+            }
+            _ => {}
+        }
+        self.config.restore(config).map_err(|e| mig_err(&e))?;
         // Re-derive everything config space drives.
-        let forward =
-            [ConfigEffect::Forward { offset: 0x04, len: 2 }, ConfigEffect::Decode, ConfigEffect::MsiControl];
+        let forward = [
+            ConfigEffect::Forward { offset: 0x04, len: 2 },
+            ConfigEffect::Decode,
+            ConfigEffect::MsiControl,
+            ConfigEffect::MsixControl,
+        ];
         self.apply_effects(&forward)
     }
     fn load_cleanup(&mut self) -> Result<(), PluginError> {

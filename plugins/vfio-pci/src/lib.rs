@@ -9,6 +9,7 @@ pub mod config_space;
 pub mod device;
 pub mod kernel;
 pub mod migration;
+pub mod msix;
 pub mod state;
 pub mod vendor;
 

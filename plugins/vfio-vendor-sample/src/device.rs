@@ -1,5 +1,5 @@
-//! The synthetic device: PCI config space, BAR0 registers, INTx/MSI through
-//! eventfds, and the migration v2 state machine over [`crate::stream`].
+//! The synthetic device: PCI config space, BAR0 registers, INTx/MSI/MSI-X
+//! through eventfds, and the migration v2 state machine over [`crate::stream`].
 //!
 //! BAR0 (4 KiB, 32-bit memory), little-endian 32-bit registers:
 //!
@@ -9,7 +9,7 @@
 //! | 0x004 | VERSION | RO |
 //! | 0x008 | CONTROL: bit0 IRQ enable, bit1 freeze state changes | RW |
 //! | 0x00c | STATUS: bit0 interrupt pending | RW1C |
-//! | 0x010 | DOORBELL: raises the interrupt (if enabled) | WO |
+//! | 0x010 | DOORBELL: raises the interrupt (if enabled); with MSI-X on vector (value % 2) | WO |
 //! | 0x014 | DOORBELL_COUNT | RO |
 //! | 0x018/0x01c | GENERATION lo/hi: page changes so far | RO |
 //! | 0x020 | STATE_PAGES | RO |
@@ -18,6 +18,13 @@
 //! | 0x030/0x034 | DIGEST lo/hi of the whole state (lo computes) | RO |
 //! | 0x038 | TOUCH: writing N advances page N % pages | WO |
 //! | 0x100–0x13c | SCRATCH[16] | RW |
+//! | 0x800–0x81f | MSI-X table, [`MSIX_VECTORS`] entries | (emulated by vfio-pci) |
+//! | 0xc00–0xc07 | MSI-X PBA | (emulated by vfio-pci) |
+//!
+//! Interrupts: MSI-X when its enable bit is set in config space, else MSI
+//! when enabled, else INTx. As behind the kernel's vfio-pci, the MSI-X
+//! table, the PBA and masking belong to the host: the device signals the
+//! vector's eventfd and reads its table range as zeros.
 
 use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
@@ -35,8 +42,8 @@ use dmhost_plugin_api::{
         VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_MASKABLE, VFIO_IRQ_INFO_NORESIZE, VFIO_IRQ_SET_ACTION_MASK,
         VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK, VFIO_MIGRATION_P2P, VFIO_MIGRATION_PRE_COPY,
         VFIO_MIGRATION_STOP_COPY, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX,
-        VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_READ,
-        VFIO_REGION_INFO_FLAG_WRITE,
+        VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS,
+        VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
     },
     MigState, VfioDataStream, VfioDeviceInfo, VfioDriver, VfioError, VfioIrqInfo, VfioPrecopyInfo,
     VfioRegionInfo,
@@ -53,6 +60,10 @@ pub const BAR0_SIZE: u64 = 4096;
 pub const CONFIG_SIZE: usize = 256;
 pub const MSI_CAP: usize = 0x40;
 pub const VENDOR_CAP: usize = 0x50;
+pub const MSIX_CAP: usize = 0x60;
+pub const MSIX_VECTORS: usize = 2;
+pub const MSIX_TABLE_OFFSET: u32 = 0x800;
+pub const MSIX_PBA_OFFSET: u32 = 0xc00;
 
 pub const REG_ID: u64 = 0x000;
 pub const REG_VERSION: u64 = 0x004;
@@ -161,7 +172,12 @@ fn initial_config() -> [u8; CONFIG_SIZE] {
     c[MSI_CAP + 1] = VENDOR_CAP as u8;
     c[MSI_CAP + 2..MSI_CAP + 4].copy_from_slice(&0x0080u16.to_le_bytes());
     // A vendor-specific capability vfio-pci shows read-only.
-    c[VENDOR_CAP..VENDOR_CAP + 8].copy_from_slice(&[0x09, 0x00, 0x08, b'D', b'M', b'V', b'S', 1]);
+    c[VENDOR_CAP..VENDOR_CAP + 8].copy_from_slice(&[0x09, MSIX_CAP as u8, 0x08, b'D', b'M', b'V', b'S', 1]);
+    // MSI-X: table and PBA in BAR0 (BIR 0).
+    c[MSIX_CAP] = 0x11;
+    c[MSIX_CAP + 2..MSIX_CAP + 4].copy_from_slice(&(MSIX_VECTORS as u16 - 1).to_le_bytes());
+    c[MSIX_CAP + 4..MSIX_CAP + 8].copy_from_slice(&MSIX_TABLE_OFFSET.to_le_bytes());
+    c[MSIX_CAP + 8..MSIX_CAP + 12].copy_from_slice(&MSIX_PBA_OFFSET.to_le_bytes());
     c
 }
 
@@ -176,6 +192,7 @@ fn config_write_mask(offset: usize) -> u8 {
         0x3c => 0xff,
         o if o == MSI_CAP + 2 => 0x71, // enable, multiple message enable
         o if (MSI_CAP + 4..MSI_CAP + 14).contains(&o) => 0xff,
+        o if o == MSIX_CAP + 3 => 0xc0, // enable, function mask
         _ => 0,
     }
 }
@@ -186,6 +203,7 @@ struct Irqs {
     intx_unmask: Option<OwnedFd>,
     intx_masked: bool,
     msi: Option<OwnedFd>,
+    msix: [Option<OwnedFd>; MSIX_VECTORS],
 }
 
 enum Session {
@@ -270,10 +288,17 @@ impl Inner {
         (self.rng % self.pages.count() as u64) as usize
     }
 
-    /// Raise the device interrupt: MSI when enabled in config space, else INTx.
-    fn raise_irq(&mut self) {
+    /// Raise the device interrupt: MSI-X `vector` or MSI when enabled in
+    /// config space, else INTx.
+    fn raise_irq(&mut self, vector: usize) {
         self.regs.status |= STATUS_IRQ_PENDING;
         if self.regs.control & CONTROL_IRQ_ENABLE == 0 || !self.state.is_running() {
+            return;
+        }
+        if self.regs.config[MSIX_CAP + 3] & 0x80 != 0 {
+            if let Some(fd) = self.irqs.msix.get(vector).and_then(Option::as_ref) {
+                signal(fd);
+            }
             return;
         }
         let msi_enabled = self.regs.config[MSI_CAP + 2] & 1 != 0;
@@ -294,7 +319,7 @@ impl Inner {
         self.irqs.intx_masked = false;
         // Level-triggered: still pending means it fires again.
         if self.regs.status & STATUS_IRQ_PENDING != 0 {
-            self.raise_irq();
+            self.raise_irq(0);
         }
     }
 
@@ -339,7 +364,7 @@ impl Inner {
             REG_STATUS => self.regs.status &= !v,
             REG_DOORBELL => {
                 self.regs.doorbells = self.regs.doorbells.wrapping_add(1);
-                self.raise_irq();
+                self.raise_irq(v as usize % MSIX_VECTORS);
             }
             REG_PAGE_SELECT => self.regs.page_select = v,
             REG_TOUCH => {
@@ -423,6 +448,23 @@ impl SampleDevice {
         let mut g = self.lock();
         let i = i % g.pages.count();
         g.mutate(i);
+    }
+
+    /// MSI-X TRIGGER: `fds[i]` signals vector `start + i` (-1 releases
+    /// it); no fds release every vector. The range is checked by the caller.
+    fn set_msix_triggers(&self, start: usize, fds: &[i32]) -> Result<(), VfioError> {
+        let mut new = Vec::with_capacity(fds.len());
+        for &fd in fds {
+            new.push(if fd >= 0 { Some(dup_fd(fd)?) } else { None });
+        }
+        let mut g = self.lock();
+        if fds.is_empty() {
+            g.irqs.msix = Default::default();
+        }
+        for (slot, fd) in g.irqs.msix.iter_mut().skip(start).zip(new) {
+            *slot = fd;
+        }
+        Ok(())
     }
 
     fn arc(&self, g: &mut Inner, to: MigState) -> Result<Option<VfioDataStream>, VfioError> {
@@ -609,6 +651,8 @@ impl VfioDriver for SampleDevice {
                 (VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_AUTOMASKED, 1)
             }
             VFIO_PCI_MSI_IRQ_INDEX => (VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_NORESIZE, 1),
+            // Vectors are set one by one (dynamic allocation): no NORESIZE.
+            VFIO_PCI_MSIX_IRQ_INDEX => (VFIO_IRQ_INFO_EVENTFD, MSIX_VECTORS as u32),
             i if i < VFIO_PCI_NUM_IRQS => (0, 0),
             _ => return Err(VfioError::invalid(format!("no irq index {index}"))),
         };
@@ -625,6 +669,9 @@ impl VfioDriver for SampleDevice {
                 "irq index {index}: vectors {start}+{} beyond {count}",
                 fds.len()
             )));
+        }
+        if (index, action) == (VFIO_PCI_MSIX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER) {
+            return self.set_msix_triggers(start as usize, fds);
         }
         let fd = match fds.first() {
             Some(&fd) if fd >= 0 => Some(dup_fd(fd)?),

@@ -1,5 +1,5 @@
 //! A sample user-space vendor VFIO driver: a synthetic PCI device with
-//! BAR0 registers, INTx/MSI through eventfds and a large internal state
+//! BAR0 registers, INTx/MSI/MSI-X through eventfds and a large internal state
 //! that keeps changing while it runs, migrated with VFIO migration v2
 //! (PRE_COPY with dirty tracking, STOP_COPY, RESUMING). Only the export
 //! lives here; `vfio-pci` opens it through the host as "vendor-sample" or

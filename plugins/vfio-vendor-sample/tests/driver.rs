@@ -8,16 +8,17 @@ use std::{
 
 use dmhost_plugin_api::{
     vfio::{
-        errno, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK, VFIO_PCI_CONFIG_REGION_INDEX,
-        VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX,
+        errno, VFIO_IRQ_SET_ACTION_MASK, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK,
+        VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
+        VFIO_PCI_MSI_IRQ_INDEX,
     },
     MigState, VfioDataStream, VfioDriver,
 };
 use vfio_vendor_sample::{
     config::SampleConfig,
     device::{
-        SampleDevice, CONTROL_IRQ_ENABLE, MSI_CAP, REG_CONTROL, REG_DIGEST, REG_DOORBELL, REG_SCRATCH,
-        REG_STATUS,
+        SampleDevice, CONTROL_IRQ_ENABLE, MSIX_CAP, MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET, MSIX_VECTORS,
+        MSI_CAP, REG_CONTROL, REG_DIGEST, REG_DOORBELL, REG_SCRATCH, REG_STATUS,
     },
 };
 
@@ -284,4 +285,52 @@ fn doorbell_raises_intx_then_msi() {
     let mut lo = [0u8; 8];
     d.region_read(0, REG_DIGEST, &mut lo).unwrap();
     let _ = d.state_digest();
+}
+
+#[test]
+fn doorbell_fires_the_msix_vector_it_names() {
+    let d = dev(r#"{"state-size":"64K","background":false}"#);
+    let info = d.irq_info(VFIO_PCI_MSIX_IRQ_INDEX).unwrap();
+    assert_eq!(info.count, MSIX_VECTORS as u32);
+    const { assert!(MSIX_VECTORS >= 2) };
+    // The capability names the table and PBA in BAR0.
+    let mut cap = [0u8; 12];
+    d.region_read(VFIO_PCI_CONFIG_REGION_INDEX, MSIX_CAP as u64, &mut cap).unwrap();
+    assert_eq!(cap[0], 0x11);
+    assert_eq!(u16::from_le_bytes([cap[2], cap[3]]), MSIX_VECTORS as u16 - 1);
+    assert_eq!(u32::from_le_bytes([cap[4], cap[5], cap[6], cap[7]]), MSIX_TABLE_OFFSET);
+    assert_eq!(u32::from_le_bytes([cap[8], cap[9], cap[10], cap[11]]), MSIX_PBA_OFFSET);
+
+    let (v0, v1, msi) = (eventfd(), eventfd(), eventfd());
+    d.set_irqs(VFIO_PCI_MSI_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[msi.as_raw_fd()]).unwrap();
+    d.region_write(VFIO_PCI_CONFIG_REGION_INDEX, (MSI_CAP + 2) as u64, &[1]).unwrap();
+    d.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, 1, &[v1.as_raw_fd()]).unwrap();
+    d.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[v0.as_raw_fd()]).unwrap();
+    d.region_write(0, REG_CONTROL, &CONTROL_IRQ_ENABLE.to_le_bytes()).unwrap();
+    d.region_write(0, REG_DOORBELL, &0u32.to_le_bytes()).unwrap();
+    assert_eq!((eventfd_count(&msi), eventfd_count(&v0)), (1, 0), "MSI-X off: MSI");
+    // Enable MSI-X (control bit 15): it wins over MSI.
+    d.region_write(VFIO_PCI_CONFIG_REGION_INDEX, (MSIX_CAP + 3) as u64, &[0x80]).unwrap();
+    d.region_write(0, REG_DOORBELL, &0u32.to_le_bytes()).unwrap();
+    d.region_write(0, REG_DOORBELL, &1u32.to_le_bytes()).unwrap();
+    d.region_write(0, REG_DOORBELL, &3u32.to_le_bytes()).unwrap();
+    assert_eq!((eventfd_count(&v0), eventfd_count(&v1), eventfd_count(&msi)), (1, 2, 0));
+    // The table range reads as zeros on the device side.
+    let mut t = [0xffu8; 4];
+    d.region_read(0, u64::from(MSIX_TABLE_OFFSET), &mut t).unwrap();
+    assert_eq!(t, [0; 4]);
+    // Release vector 1 alone, then every vector.
+    d.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, 1, &[-1]).unwrap();
+    d.region_write(0, REG_DOORBELL, &1u32.to_le_bytes()).unwrap();
+    d.region_write(0, REG_DOORBELL, &0u32.to_le_bytes()).unwrap();
+    assert_eq!((eventfd_count(&v0), eventfd_count(&v1)), (1, 0));
+    d.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[]).unwrap();
+    d.region_write(0, REG_DOORBELL, &0u32.to_le_bytes()).unwrap();
+    assert_eq!(eventfd_count(&v0), 0);
+    // Out of range, and bad descriptors.
+    let n = MSIX_VECTORS as u32;
+    assert!(d.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, n, &[v0.as_raw_fd()]).is_err());
+    assert!(d.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, u32::MAX, &[-1]).is_err());
+    assert!(d.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[-1, -1, -1]).is_err());
+    assert!(d.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_MASK, 0, &[]).is_err());
 }
