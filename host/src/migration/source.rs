@@ -156,7 +156,7 @@ pub fn migrate(vm: &Vm, uri: &MigrationUri, progress: &Progress) -> Result<Summa
 }
 
 impl Sender<'_> {
-    fn run(&mut self, ack: Option<MigrationStream>, started: Instant) -> Result<Summary, MigrationError> {
+    fn run(&mut self, mut ack: Option<MigrationStream>, started: Instant) -> Result<Summary, MigrationError> {
         let params = self.progress.params();
         self.out.write_config(&config_section(self.vm))?;
         // Start from a clean log: everything is sent in round 0 anyway.
@@ -189,6 +189,8 @@ impl Sender<'_> {
         );
 
         let mut round = 0;
+        // The destination had loaded everything when this round started.
+        let mut caught_up = false;
         loop {
             round += 1;
             let t = Instant::now();
@@ -218,15 +220,23 @@ impl Sender<'_> {
                 bw as f64 / 1e6,
                 expected.as_millis()
             );
+            let mut converged = false;
             if expected <= params.max_downtime {
                 // Devices confirm with their exact figure before we stop.
                 let exact = self.pending_devices(true)?;
-                if dirty * PAGE_SIZE as u64 + exact
-                    <= bw.saturating_mul(params.max_downtime.as_millis() as u64) / 1000
-                {
-                    break;
-                }
+                converged = dirty * PAGE_SIZE as u64 + exact
+                    <= bw.saturating_mul(params.max_downtime.as_millis() as u64) / 1000;
             }
+            if converged && caught_up {
+                break;
+            }
+            // Close to the end, let the destination load what is still in
+            // flight (the guest runs meanwhile) and judge again after one
+            // more round, which sends what the guest dirtied in that wait.
+            caught_up = converged && {
+                self.sync_destination(ack.as_mut())?;
+                true
+            };
             if round >= params.max_rounds {
                 log::warn!("migration: not converged after {round} rounds; forcing the switch-over");
                 break;
