@@ -48,29 +48,33 @@ fn plugin_lib() -> std::path::PathBuf {
     panic!("libtestdev.so not found next to {}: build the workspace first", exe.display());
 }
 
+fn bench_vm() -> Vm {
+    Vm::new(VmConfig { ram_size: 8 << 20, vcpus: 1, serial: std::sync::Arc::new(|_: &[u8]| {}) }).unwrap()
+}
+
+/// Plug testdev `id` at `base`: from its `.so` through the ABI (`Plugin`)
+/// or the linked model (`Builtin`).
+fn add_testdev(vm: &Vm, path: Path, id: &str, base: u64, registry: &PluginRegistry) {
+    let config = format!(r#"{{"mmio-base":{base}}}"#);
+    match path {
+        Path::Plugin => vm.add_device("testdev", id, |h| {
+            registry
+                .create("testdev", id, &config, h)
+                .map(DeviceImpl::Plugin)
+                .map_err(dmhost_plugin_api::PluginError::unsupported)
+        }),
+        Path::Builtin => vm.add_device("testdev", id, |h| {
+            testdev::TestdevPlugin::create("testdev", id, &config, h).map(DeviceImpl::Builtin)
+        }),
+        Path::Unclaimed => return,
+    }
+    .unwrap();
+}
+
 /// One run: returns exits per second.
 fn run(path: Path, n: u64, registry: &PluginRegistry) -> f64 {
-    let vm = Vm::new(VmConfig { ram_size: 8 << 20, vcpus: 1, serial: std::sync::Arc::new(|_: &[u8]| {}) })
-        .unwrap();
-    let config = format!(r#"{{"mmio-base":{MMIO}}}"#);
-    match path {
-        Path::Plugin => {
-            vm.add_device("testdev", "t", |h| {
-                registry
-                    .create("testdev", "t", &config, h)
-                    .map(DeviceImpl::Plugin)
-                    .map_err(dmhost_plugin_api::PluginError::unsupported)
-            })
-            .unwrap();
-        }
-        Path::Builtin => {
-            vm.add_device("testdev", "t", |h| {
-                testdev::TestdevPlugin::create("testdev", "t", &config, h).map(DeviceImpl::Builtin)
-            })
-            .unwrap();
-        }
-        Path::Unclaimed => {}
-    }
+    let vm = bench_vm();
+    add_testdev(&vm, path, "t", MMIO, registry);
     let prog = program("bench", |a| {
         let mut l = a.create_label();
         a.mov(rbx, MMIO)?;
@@ -108,21 +112,9 @@ const BLOCK: u64 = 64;
 /// `rdtsc`, so drift in the host's speed hits both paths alike. Returns
 /// TSC cycles spent on (plugin, built-in) writes.
 fn paired(blocks: u64, registry: &PluginRegistry) -> (u64, u64) {
-    let vm = Vm::new(VmConfig { ram_size: 8 << 20, vcpus: 1, serial: std::sync::Arc::new(|_: &[u8]| {}) })
-        .unwrap();
-    let plugin_cfg = format!(r#"{{"mmio-base":{MMIO}}}"#);
-    vm.add_device("testdev", "p", |h| {
-        registry
-            .create("testdev", "p", &plugin_cfg, h)
-            .map(DeviceImpl::Plugin)
-            .map_err(dmhost_plugin_api::PluginError::unsupported)
-    })
-    .unwrap();
-    let builtin_cfg = format!(r#"{{"mmio-base":{MMIO_B}}}"#);
-    vm.add_device("testdev", "b", |h| {
-        testdev::TestdevPlugin::create("testdev", "b", &builtin_cfg, h).map(DeviceImpl::Builtin)
-    })
-    .unwrap();
+    let vm = bench_vm();
+    add_testdev(&vm, Path::Plugin, "p", MMIO, registry);
+    add_testdev(&vm, Path::Builtin, "b", MMIO_B, registry);
     let prog = program("bench-paired", |a| {
         let (mut outer, mut timed, mut l, mut swap, mut go) =
             (a.create_label(), a.create_label(), a.create_label(), a.create_label(), a.create_label());
