@@ -184,3 +184,41 @@ fn nvdimm_label_area_migrates_though_the_guest_cannot_see_it() {
     let (code, out, err) = dst.finish(Duration::from_secs(60));
     assert_verified(code, &out, &err, rounds);
 }
+
+/// A destination of format 1.1 skips sync sections and never answers them:
+/// the source waits its 3 s once, warns, goes on without syncs, and the
+/// migration completes. The destination here is a plain reader of the
+/// stream that acknowledges at the end, as a 1.1 dmhost does.
+#[test]
+fn a_destination_that_never_answers_syncs_still_gets_the_migration() {
+    use std::io::Write;
+    if !kvm_or_skip("a_destination_that_never_answers_syncs_still_gets_the_migration") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), 1000, false);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let uri = format!("tcp:{}", listener.local_addr().unwrap());
+    let old_destination = std::thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        let mut ack = sock.try_clone().unwrap();
+        let mut r = dmhost::migration::StreamReader::new(sock).unwrap();
+        let mut syncs = 0;
+        loop {
+            match r.next_section().unwrap() {
+                dmhost::migration::Section::Ram(b) => r.read_ram_with(&b, |_, _| Ok(())).unwrap(),
+                dmhost::migration::Section::Sync { .. } => syncs += 1,
+                dmhost::migration::Section::End { .. } => break,
+                _ => {}
+            }
+        }
+        ack.write_all(b"loaded\n").unwrap();
+        syncs
+    });
+    let (src, sock) = VmProcess::source(dir.path(), &cfg);
+    let out = migrate(&sock, &uri, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(old_destination.join().unwrap(), 1, "one sync, then none after it went unanswered");
+    let warned = src.wait_line(true, "did not answer the sync section", Duration::from_secs(5));
+    assert!(warned.contains("going on without syncs"), "{warned}");
+}

@@ -108,6 +108,8 @@ struct Sender<'a> {
     carry: HashMap<String, Vec<u64>>,
     /// The destination may have resumed the guest: never resume it here.
     committed: bool,
+    /// The destination left a sync unanswered (format 1.1): no more.
+    sync_unanswered: bool,
 }
 
 /// Migrate `vm` to `uri`. On success the source VM stays paused (QEMU's
@@ -131,6 +133,7 @@ pub fn migrate(vm: &Vm, uri: &MigrationUri, progress: &Progress) -> Result<Summa
         uri: uri.clone(),
         carry: HashMap::new(),
         committed: false,
+        sync_unanswered: false,
     };
     let total: u64 = s.blocks.iter().map(|b| b.size).sum();
     progress.update(|st| st.total = total);
@@ -252,7 +255,7 @@ impl Sender<'_> {
     /// is stopped, and count as downtime. Without a return path (a file)
     /// there is nobody to wait for.
     fn sync_destination(&mut self, ret: Option<&mut MigrationStream>) -> Result<(), MigrationError> {
-        let Some(ret) = ret else {
+        let Some(ret) = ret.filter(|_| !self.sync_unanswered) else {
             return Ok(());
         };
         let token = self.out.sections();
@@ -286,10 +289,13 @@ impl Sender<'_> {
         ret.set_read_timeout(None);
         match result? {
             true => log::debug!("migration: destination in sync after {:?}", started.elapsed()),
-            false => log::warn!(
-                "migration: the destination did not answer the sync section in {SYNC_TIMEOUT:?} \
-                 (format 1.1, or far behind); switching over anyway"
-            ),
+            false => {
+                log::warn!(
+                    "migration: the destination did not answer the sync section in {SYNC_TIMEOUT:?} \
+                     (format 1.1, or far behind); going on without syncs"
+                );
+                self.sync_unanswered = true;
+            }
         }
         Ok(())
     }
