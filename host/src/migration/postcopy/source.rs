@@ -5,7 +5,7 @@
 use std::{
     sync::{
         atomic::{AtomicU64, Ordering},
-        mpsc,
+        mpsc, Mutex,
     },
     time::{Duration, Instant},
 };
@@ -50,11 +50,6 @@ pub struct Session {
 enum Event {
     Complete,
     Broken(String),
-}
-
-enum Urgent {
-    Serve(usize, Vec<u64>),
-    Finish,
 }
 
 /// Open the urgent-page connection: a stream of its own (header,
@@ -176,7 +171,7 @@ fn run_session(
     progress: &Progress,
     requests: &AtomicU64,
 ) -> Result<(), MigrationError> {
-    let Session { mut main, mut ret, mut urgent } = session;
+    let Session { mut main, mut ret, urgent } = session;
     let mut handles = Vec::new();
     for s in [main.get_ref(), &ret, urgent.get_ref()] {
         if let Ok(c) = s.try_clone() {
@@ -185,63 +180,39 @@ fn run_session(
     }
     progress.set_sockets(handles);
     let (ev_tx, ev_rx) = mpsc::channel::<Event>();
-    let (urg_tx, urg_rx) = mpsc::channel::<Urgent>();
+    // The return-path thread writes requested pages itself: a hand-over to
+    // another thread cost a wake-up (tens of µs here) per fault. `None`
+    // once the end section is written.
+    let urgent = Mutex::new(Some(urgent));
     let result = std::thread::scope(|scope| {
-        // Return path: page requests go to the urgent sender.
         let tx = ev_tx.clone();
-        let utx = urg_tx.clone();
+        let urgent = &urgent;
         let rp =
             std::thread::Builder::new().name("postcopy-retpath".into()).spawn_scoped(scope, move || loop {
-                match RetMsg::read(&mut ret, config) {
+                let broken = match RetMsg::read(&mut ret, config) {
                     Ok(RetMsg::Request { block, pages }) => {
-                        let Some(bi) = blocks.iter().position(|b| b.block.name == block) else { continue };
-                        let _ = utx.send(Urgent::Serve(bi, pages));
+                        let Some(b) = blocks.iter().find(|b| b.block.name == block) else { continue };
+                        match serve(urgent, b, &pages, requests) {
+                            Ok(()) => continue,
+                            Err(e) => format!("urgent channel: {e}"),
+                        }
                     }
                     Ok(RetMsg::Complete) => {
                         let _ = tx.send(Event::Complete);
                         return;
                     }
-                    Ok(other) => {
-                        let _ = tx.send(Event::Broken(format!("unexpected return-path message {other:?}")));
-                        return;
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Event::Broken(format!("return path: {e}")));
-                        return;
-                    }
-                }
+                    Ok(other) => format!("unexpected return-path message {other:?}"),
+                    Err(e) => format!("return path: {e}"),
+                };
+                let _ = tx.send(Event::Broken(broken));
+                return;
             });
-        // Urgent pages, as they are asked for.
-        let tx = ev_tx.clone();
-        let urg = std::thread::Builder::new().name("postcopy-urgent".into()).spawn_scoped(scope, move || {
-            let mut r = || -> Result<(), MigrationError> {
-                while let Ok(m) = urg_rx.recv() {
-                    match m {
-                        Urgent::Serve(bi, pages) => {
-                            let b = &blocks[bi];
-                            for &p in &pages {
-                                b.unsent.clear(p);
-                            }
-                            // SAFETY: the guest is stopped for good on this
-                            // side and the block stays registered.
-                            let mem = unsafe { block_bytes(&b.block) };
-                            urgent.write_ram_pages(&b.block.name, mem, &pages)?;
-                            urgent.flush()?;
-                            requests.fetch_add(pages.len() as u64, Ordering::Relaxed);
-                        }
-                        Urgent::Finish => {
-                            urgent.write_end()?;
-                            return Ok(());
-                        }
-                    }
-                }
-                Ok(())
-            };
-            if let Err(e) = r() {
-                let _ = tx.send(Event::Broken(format!("urgent channel: {e}")));
+        let r = background(blocks, &mut main, progress, requests, &ev_rx).and_then(|()| {
+            match lock(urgent).take() {
+                Some(mut u) => Ok(u.write_end()?),
+                None => Ok(()),
             }
         });
-        let r = background(blocks, &mut main, progress, requests, &ev_rx, &urg_tx);
         let r = match r {
             Ok(()) => loop {
                 // Everything is sent: wait for the destination's word.
@@ -259,9 +230,7 @@ fn run_session(
         };
         // Unblock every thread of this session.
         progress.break_sockets();
-        drop(urg_tx);
         let _ = rp.map(|h| h.join());
-        let _ = urg.map(|h| h.join());
         r
     });
     progress.set_sockets(Vec::new());
@@ -275,7 +244,6 @@ fn background(
     progress: &Progress,
     requests: &AtomicU64,
     events: &mpsc::Receiver<Event>,
-    urgent: &mpsc::Sender<Urgent>,
 ) -> Result<(), MigrationError> {
     let mut pages = Vec::with_capacity(BACKGROUND_BATCH);
     let mut window = (0u64, Instant::now());
@@ -327,10 +295,35 @@ fn background(
         }
     }
     main.write_end()?;
-    let _ = urgent.send(Urgent::Finish);
     report(blocks, progress, requests);
     log::info!("migration: post-copy sent every page ({} requested)", requests.load(Ordering::Relaxed));
     Ok(())
+}
+
+/// Send requested `pages` of `b` on the urgent connection at once, unless
+/// it has ended (every page went on the main stream then).
+fn serve(
+    urgent: &Mutex<Option<StreamWriter<MigrationStream>>>,
+    b: &PcBlock,
+    pages: &[u64],
+    requests: &AtomicU64,
+) -> Result<(), MigrationError> {
+    let mut guard = lock(urgent);
+    let Some(w) = guard.as_mut() else { return Ok(()) };
+    for &p in pages {
+        b.unsent.clear(p);
+    }
+    // SAFETY: the guest is stopped for good on this side and the block
+    // stays registered.
+    let mem = unsafe { block_bytes(&b.block) };
+    w.write_ram_pages(&b.block.name, mem, pages)?;
+    w.flush()?;
+    requests.fetch_add(pages.len() as u64, Ordering::Relaxed);
+    Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn report(blocks: &[PcBlock], progress: &Progress, requests: &AtomicU64) {
