@@ -110,6 +110,9 @@ struct Sender<'a> {
     committed: bool,
     /// The destination left a sync unanswered (format 1.1): no more.
     sync_unanswered: bool,
+    /// Time the last round spent fetching (and re-arming) the dirty logs:
+    /// the switch-over spends it again with the guest stopped.
+    log_sync: Duration,
 }
 
 /// Migrate `vm` to `uri`. On success the source VM stays paused (QEMU's
@@ -134,6 +137,7 @@ pub fn migrate(vm: &Vm, uri: &MigrationUri, progress: &Progress) -> Result<Summa
         carry: HashMap::new(),
         committed: false,
         sync_unanswered: false,
+        log_sync: Duration::ZERO,
     };
     let total: u64 = s.blocks.iter().map(|b| b.size).sum();
     progress.update(|st| st.total = total);
@@ -194,6 +198,7 @@ impl Sender<'_> {
         let mut round = 0;
         // The destination had loaded everything when this round started.
         let mut caught_up = false;
+        let mut steady_bw = u64::MAX;
         loop {
             round += 1;
             let t = Instant::now();
@@ -204,11 +209,16 @@ impl Sender<'_> {
             self.iterate_devices()?;
             let elapsed = t.elapsed().max(Duration::from_micros(1));
             let pending_devices = self.pending_devices(false)?;
-            let bw = self.bandwidth();
+            // A round right after a sync starts with empty socket buffers
+            // and fills them faster than the destination loads: its own
+            // rate overstates the link, so the round before it counts.
+            let measured = self.bandwidth();
+            let bw = if caught_up { measured.min(steady_bw) } else { measured };
+            steady_bw = bw;
             // What would be left to send with the VM stopped: the pages
             // dirtied during this round, at the rate they were dirtied.
             let pending = dirty * PAGE_SIZE as u64 + pending_devices;
-            let expected = Duration::from_secs_f64(pending as f64 / bw.max(1) as f64);
+            let expected = self.log_sync + Duration::from_secs_f64(pending as f64 / bw.max(1) as f64);
             let rate = (dirty as f64 / last_round.max(elapsed).as_secs_f64()) as u64;
             last_round = elapsed;
             self.progress.update(|st| {
@@ -219,16 +229,18 @@ impl Sender<'_> {
                 st.expected_downtime_ms = expected.as_millis() as u64;
             });
             log::info!(
-                "migration: round {round}: {dirty} dirty pages, {pending} bytes pending, {:.0} MB/s, expected downtime {} ms",
+                "migration: round {round}: {dirty} dirty pages, {pending} bytes pending, {:.0} MB/s, \
+                 expected downtime {} ms ({:.1} ms of it re-arming the dirty log)",
                 bw as f64 / 1e6,
-                expected.as_millis()
+                expected.as_millis(),
+                self.log_sync.as_secs_f64() * 1e3
             );
             let mut converged = false;
             if expected <= params.max_downtime {
                 // Devices confirm with their exact figure before we stop.
                 let exact = self.pending_devices(true)?;
-                converged = dirty * PAGE_SIZE as u64 + exact
-                    <= bw.saturating_mul(params.max_downtime.as_millis() as u64) / 1000;
+                let budget = params.max_downtime.saturating_sub(self.log_sync);
+                converged = dirty * PAGE_SIZE as u64 + exact <= (bw as f64 * budget.as_secs_f64()) as u64;
             }
             if converged && caught_up {
                 break;
@@ -342,8 +354,11 @@ impl Sender<'_> {
     /// Send the pages dirtied since the last call; returns how many.
     fn send_dirty(&mut self) -> Result<u64, MigrationError> {
         let mut count = 0;
+        self.log_sync = Duration::ZERO;
         for b in self.blocks.clone() {
+            let t = Instant::now();
             let mut bitmap = self.vm.get_and_clear_block_dirty(&b.name)?;
+            self.log_sync += t.elapsed();
             if let Some(c) = self.carry.remove(&b.name) {
                 for (w, x) in bitmap.iter_mut().zip(c) {
                     *w |= x;
