@@ -207,8 +207,15 @@ impl ConfigSpace {
 
     /// Build from raw device config bytes and region sizes.
     pub fn build(raw: [u8; CONFIG_LEN], bar_sizes: &[u64], rom_size: u64, has_intx: bool) -> Self {
-        let mut c =
-            Self { bytes: raw, wmask: [0; CONFIG_LEN], bars: [None; 6], rom_size: 0, msi: None, msix: None, exp: None };
+        let mut c = Self {
+            bytes: raw,
+            wmask: [0; CONFIG_LEN],
+            bars: [None; 6],
+            rom_size: 0,
+            msi: None,
+            msix: None,
+            exp: None,
+        };
         c.bytes[0x0e] &= 0x80; // header type 0 (keep the multifunction bit)
         c.set16(PCI_COMMAND, 0);
         c.wmask[PCI_COMMAND..PCI_COMMAND + 2].copy_from_slice(&CMD_WRITABLE.to_le_bytes());
