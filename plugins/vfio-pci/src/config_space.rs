@@ -301,14 +301,18 @@ impl ConfigSpace {
                 CAP_ID_MSI => self.virtualise_msi(ptr),
                 CAP_ID_MSIX => self.virtualise_msix(ptr),
                 CAP_ID_EXP if ptr + EXP_DEVCTL + 2 <= CONFIG_LEN && self.exp.is_none() => {
-                    self.exp = Some(ptr);
-                    // Emulated (never forwarded): an FLR in progress reads as done.
-                    let ctl = rd16(&self.bytes, ptr + EXP_DEVCTL);
-                    self.set16(ptr + EXP_DEVCTL, ctl & !EXP_DEVCTL_BCR_FLR);
+                    self.exp = Some(ptr)
                 }
                 _ => {}
             }
             link = ptr + 1;
+        }
+        if let Some(cap) = self.exp {
+            // Emulated, never forwarded nor writable (even under another
+            // capability's mask when malformed ones overlap): reads 0.
+            let flr = (EXP_DEVCTL_BCR_FLR >> 8) as u8;
+            self.bytes[cap + EXP_DEVCTL + 1] &= !flr;
+            self.wmask[cap + EXP_DEVCTL + 1] &= !flr;
         }
     }
 
