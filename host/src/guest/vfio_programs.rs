@@ -206,6 +206,35 @@ fn setup(a: &mut CodeAssembler, name: &str) -> Result<(), IcedError> {
     Ok(())
 }
 
+/// Walk the capability list of the function at `r13d` for capability
+/// `id`: `r12d` = its offset, or jump to `missing`. Clobbers `eax`, `dx`,
+/// `r10d`.
+fn find_capability(a: &mut CodeAssembler, id: u8, missing: CodeLabel) -> Result<(), IcedError> {
+    let mut walk = a.create_label();
+    let mut found = a.create_label();
+    a.mov(eax, r13d)?;
+    a.or(eax, 0x34)?;
+    cfg_read(a)?;
+    a.and(eax, 0xfc)?;
+    a.mov(r12d, eax)?;
+    a.mov(r10d, 48)?;
+    a.set_label(&mut walk)?;
+    a.test(r12d, r12d)?;
+    a.jz(missing)?;
+    a.mov(eax, r13d)?;
+    a.or(eax, r12d)?;
+    cfg_read(a)?;
+    a.cmp(al, i32::from(id))?;
+    a.je(found)?;
+    a.shr(eax, 8u32)?;
+    a.and(eax, 0xfc)?;
+    a.mov(r12d, eax)?;
+    a.dec(r10d)?;
+    a.jnz(walk)?;
+    a.jmp(missing)?;
+    a.set_label(&mut found)
+}
+
 /// `vfio-demo` (see the module docs).
 pub fn vfio_demo() -> Result<GuestProgram, GuestError> {
     program("vfio-demo", |a| {
@@ -365,8 +394,6 @@ pub fn vfio_verify() -> Result<GuestProgram, GuestError> {
 /// `vfio-msix` (see the module docs).
 pub fn vfio_msix() -> Result<GuestProgram, GuestError> {
     program("vfio-msix", |a| {
-        let mut walk = a.create_label();
-        let mut found = a.create_label();
         let mut no_cap = a.create_label();
         let mut poll = a.create_label();
         let mut pending = a.create_label();
@@ -376,28 +403,8 @@ pub fn vfio_msix() -> Result<GuestProgram, GuestError> {
         let mut no_go = a.create_label();
         let mut stuck = a.create_label();
         setup(a, "vfio-msix")?;
-        // Walk the capability list for MSI-X (ID 0x11): r12d = its offset.
-        a.mov(eax, r13d)?;
-        a.or(eax, 0x34)?;
-        cfg_read(a)?;
-        a.and(eax, 0xfc)?;
-        a.mov(r12d, eax)?;
-        a.mov(r10d, 48)?;
-        a.set_label(&mut walk)?;
-        a.test(r12d, r12d)?;
-        a.jz(no_cap)?;
-        a.mov(eax, r13d)?;
-        a.or(eax, r12d)?;
-        cfg_read(a)?;
-        a.cmp(al, 0x11)?;
-        a.je(found)?;
-        a.shr(eax, 8u32)?;
-        a.and(eax, 0xfc)?;
-        a.mov(r12d, eax)?;
-        a.dec(r10d)?;
-        a.jnz(walk)?;
-        a.jmp(no_cap)?;
-        a.set_label(&mut found)?;
+        // MSI-X (ID 0x11): r12d = its offset.
+        find_capability(a, 0x11, no_cap)?;
         // Table (r15) and PBA (rbp), both in BAR0 (BIR 0).
         a.mov(eax, r13d)?;
         a.or(eax, r12d)?;
@@ -495,8 +502,6 @@ pub fn vfio_msix() -> Result<GuestProgram, GuestError> {
 pub fn vfio_flr() -> Result<GuestProgram, GuestError> {
     const MARK: i32 = 0x5eed_f00d;
     program("vfio-flr", |a| {
-        let mut walk = a.create_label();
-        let mut found = a.create_label();
         let mut no_cap = a.create_label();
         let mut bad_scratch = a.create_label();
         let mut bit_set = a.create_label();
@@ -509,28 +514,8 @@ pub fn vfio_flr() -> Result<GuestProgram, GuestError> {
         a.cmp(dword_ptr(r14 + REG_SCRATCH), MARK)?;
         a.jne(bad_scratch)?;
         print(a, "vfio-flr: SCRATCH[0] and CONTROL written\n")?;
-        // Walk the capability list for PCI Express (ID 0x10): r12d.
-        a.mov(eax, r13d)?;
-        a.or(eax, 0x34)?;
-        cfg_read(a)?;
-        a.and(eax, 0xfc)?;
-        a.mov(r12d, eax)?;
-        a.mov(r10d, 48)?;
-        a.set_label(&mut walk)?;
-        a.test(r12d, r12d)?;
-        a.jz(no_cap)?;
-        a.mov(eax, r13d)?;
-        a.or(eax, r12d)?;
-        cfg_read(a)?;
-        a.cmp(al, 0x10)?;
-        a.je(found)?;
-        a.shr(eax, 8u32)?;
-        a.and(eax, 0xfc)?;
-        a.mov(r12d, eax)?;
-        a.dec(r10d)?;
-        a.jnz(walk)?;
-        a.jmp(no_cap)?;
-        a.set_label(&mut found)?;
+        // PCI Express (ID 0x10): r12d = its offset.
+        find_capability(a, 0x10, no_cap)?;
         // DevCap (cap + 4) bit 28: FLR capable.
         a.mov(eax, r13d)?;
         a.or(eax, r12d)?;
