@@ -32,6 +32,8 @@ const INTX_GSI: u32 = 10;
 const VFIO_CONFIG: &str = r#"{"driver":"vendor-sample","driver-config":{"state-size":"4M"},"intx-gsi":10}"#;
 
 fn registry() -> Arc<PluginRegistry> {
+    // Before any plugin loads: a plugin takes the host's log level once.
+    common::capture_logs();
     let mut r = PluginRegistry::default();
     r.load(&common::plugin_path("vfio_pci")).unwrap();
     r.load(&common::plugin_path("vfio_vendor_sample")).unwrap();
@@ -46,6 +48,19 @@ fn vm_with_vfio(reg: &Arc<PluginRegistry>) -> (Vm, common::Serial) {
     })
     .unwrap();
     (vm, serial)
+}
+
+/// Run built-in `program` to a clean exit and check its serial output has
+/// every line of `wants`.
+fn run_to_exit_0(vm: &Vm, serial: &common::Serial, program: &str, wants: &[&str]) {
+    vm.load_program(&GuestProgram::from_spec(program, None).unwrap(), &RegPreset::default()).unwrap();
+    vm.start().unwrap();
+    let exit = vm.control().wait_timeout(Duration::from_secs(30));
+    let out = serial.text();
+    assert_eq!(exit, Some(VmExit::Guest(0)), "{out}");
+    for want in wants {
+        assert!(out.contains(want), "no {want:?} in:\n{out}");
+    }
 }
 
 #[test]
@@ -64,21 +79,18 @@ fn guest_enumerates_programs_and_interrupts_the_vendor_device() {
     let before = ioapic_lines(&vm).unwrap();
     assert!(!before.asserted(INTX_GSI), "INTx raised before the guest ran: {before:?}");
 
-    vm.load_program(&GuestProgram::from_spec("builtin:vfio-demo", None).unwrap(), &RegPreset::default())
-        .unwrap();
-    vm.start().unwrap();
-    let exit = vm.control().wait_timeout(Duration::from_secs(30));
-    let out = serial.text();
-    assert_eq!(exit, Some(VmExit::Guest(0)), "{out}");
-    for want in [
-        "vfio-demo: 00:0000000000000001 id 0000000000011de5",
-        "vfio-demo: BAR0 size 0000000000001000",
-        "vfio-demo: BAR0 at 00000000c0000000, ID register 0000000000011de5",
-        "vfio-demo: doorbell rung, interrupt pending, status 0000000000000001",
-        "vfio-demo: ok",
-    ] {
-        assert!(out.contains(want), "no {want:?} in:\n{out}");
-    }
+    run_to_exit_0(
+        &vm,
+        &serial,
+        "builtin:vfio-demo",
+        &[
+            "vfio-demo: 00:0000000000000001 id 0000000000011de5",
+            "vfio-demo: BAR0 size 0000000000001000",
+            "vfio-demo: BAR0 at 00000000c0000000, ID register 0000000000011de5",
+            "vfio-demo: doorbell rung, interrupt pending, status 0000000000000001",
+            "vfio-demo: ok",
+        ],
+    );
     // The irqfd injects from a kernel worker: the line may lag the guest.
     common::wait_until(&format!("the doorbell to raise GSI {INTX_GSI}"), Duration::from_secs(5), || {
         ioapic_lines(&vm).unwrap().asserted(INTX_GSI)
@@ -86,6 +98,38 @@ fn guest_enumerates_programs_and_interrupts_the_vendor_device() {
     let after = ioapic_lines(&vm).unwrap();
     assert!(after.masked & (1 << INTX_GSI) != 0, "the pin stays masked (no delivery to the guest)");
     // The BAR the guest placed is the device's MMIO range now.
+    let info = vm.device_info("vfio0").unwrap();
+    assert_eq!(info.mmio, vec![(pci::MMIO_WINDOW_BASE, 0x1000)], "{info:?}");
+}
+
+#[test]
+fn guest_function_level_reset_resets_the_vendor_device_and_its_bars() {
+    if !kvm_or_skip("guest_function_level_reset_resets_the_vendor_device_and_its_bars") {
+        return;
+    }
+    let reg = registry();
+    let (vm, serial) = vm_with_vfio(&reg);
+    let resets = || {
+        let logs = common::LOGS.lock().unwrap();
+        let count = |s: &str| logs.iter().filter(|(_, m)| m.contains(s)).count();
+        (count("vfio-pci vfio0: function level reset"), count("vendor-sample: reset"))
+    };
+    let before = resets();
+    run_to_exit_0(
+        &vm,
+        &serial,
+        "builtin:vfio-flr",
+        &[
+            "vfio-flr: PCI Express capability at 0000000000000070, FLR capable",
+            "vfio-flr: FLR done, command 0, BAR0 0",
+            "vfio-flr: BAR0 re-programmed, SCRATCH[0] and CONTROL at reset value 0",
+            "vfio-flr: ok",
+        ],
+    );
+    let after = resets();
+    assert!(after.0 > before.0, "vfio-pci did not log the FLR: {before:?} -> {after:?}");
+    assert!(after.1 > before.1, "the vendor driver was not reset: {before:?} -> {after:?}");
+    // The re-programmed BAR is the device's MMIO range again.
     let info = vm.device_info("vfio0").unwrap();
     assert_eq!(info.mmio, vec![(pci::MMIO_WINDOW_BASE, 0x1000)], "{info:?}");
 }

@@ -15,6 +15,7 @@ pub const NAMES: &[&str] = &[
     "mmio-loop",
     "nvdimm-acpi",
     "vfio-demo",
+    "vfio-flr",
     "vfio-msix",
     "vfio-verify",
 ];
@@ -37,6 +38,7 @@ pub fn builtin(name: &str) -> Result<GuestProgram, GuestError> {
         "vfio-demo" => super::vfio_programs::vfio_demo(),
         "vfio-verify" => super::vfio_programs::vfio_verify(),
         "vfio-msix" => super::vfio_programs::vfio_msix(),
+        "vfio-flr" => super::vfio_programs::vfio_flr(),
         other => Err(GuestError::UnknownBuiltin(other.to_owned())),
     }
 }

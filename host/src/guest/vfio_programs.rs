@@ -28,11 +28,22 @@
 //!   unmasks vector 1 and checks the PBA bit cleared: the host sees `B`.
 //!   Prints `vfio-msix: ok` and exits 0.
 //!
+//! - `vfio-flr`: the same set-up, then writes SCRATCH\[0\] and CONTROL,
+//!   finds the PCI Express capability (ID 0x10) with FLR in DevCap, sets
+//!   DevCtl bit 15 (Function Level Reset), checks the bit reads back 0,
+//!   the command register is cleared and BAR0 reads 0, re-programs BAR0
+//!   and memory decode, and checks the ID register again and SCRATCH\[0\]
+//!   and CONTROL back at their reset value 0. Prints `vfio-flr: ok` and
+//!   exits 0.
+//!
 //! Exit codes: 2 device not found, 3 bad BAR, 4 bad ID register, 5
 //! scratch mismatch, 6 interrupt already pending, 7 no interrupt, 8 bad
 //! doorbell count, 9 a check failed in `vfio-verify`, 10 no usable MSI-X
 //! capability, 11 the masked vector's PBA bit never set, 12 the host never
-//! said go, 13 the PBA bit stayed set after unmasking.
+//! said go, 13 the PBA bit stayed set after unmasking, 14 no PCI Express
+//! capability advertising FLR, 15 the FLR bit read back set, 16 the
+//! command register survived the FLR, 17 BAR0 survived it, 18 a register
+//! not at its reset value after it.
 
 use super::{asm::*, GuestError, GuestProgram};
 use crate::pci::{CONFIG_ADDRESS_PORT, CONFIG_DATA_PORT, ENABLE, MMIO_WINDOW_BASE};
@@ -195,6 +206,35 @@ fn setup(a: &mut CodeAssembler, name: &str) -> Result<(), IcedError> {
     Ok(())
 }
 
+/// Walk the capability list of the function at `r13d` for capability
+/// `id`: `r12d` = its offset, or jump to `missing`. Clobbers `eax`, `dx`,
+/// `r10d`.
+fn find_capability(a: &mut CodeAssembler, id: u8, missing: CodeLabel) -> Result<(), IcedError> {
+    let mut walk = a.create_label();
+    let mut found = a.create_label();
+    a.mov(eax, r13d)?;
+    a.or(eax, 0x34)?;
+    cfg_read(a)?;
+    a.and(eax, 0xfc)?;
+    a.mov(r12d, eax)?;
+    a.mov(r10d, 48)?;
+    a.set_label(&mut walk)?;
+    a.test(r12d, r12d)?;
+    a.jz(missing)?;
+    a.mov(eax, r13d)?;
+    a.or(eax, r12d)?;
+    cfg_read(a)?;
+    a.cmp(al, i32::from(id))?;
+    a.je(found)?;
+    a.shr(eax, 8u32)?;
+    a.and(eax, 0xfc)?;
+    a.mov(r12d, eax)?;
+    a.dec(r10d)?;
+    a.jnz(walk)?;
+    a.jmp(missing)?;
+    a.set_label(&mut found)
+}
+
 /// `vfio-demo` (see the module docs).
 pub fn vfio_demo() -> Result<GuestProgram, GuestError> {
     program("vfio-demo", |a| {
@@ -354,8 +394,6 @@ pub fn vfio_verify() -> Result<GuestProgram, GuestError> {
 /// `vfio-msix` (see the module docs).
 pub fn vfio_msix() -> Result<GuestProgram, GuestError> {
     program("vfio-msix", |a| {
-        let mut walk = a.create_label();
-        let mut found = a.create_label();
         let mut no_cap = a.create_label();
         let mut poll = a.create_label();
         let mut pending = a.create_label();
@@ -365,28 +403,8 @@ pub fn vfio_msix() -> Result<GuestProgram, GuestError> {
         let mut no_go = a.create_label();
         let mut stuck = a.create_label();
         setup(a, "vfio-msix")?;
-        // Walk the capability list for MSI-X (ID 0x11): r12d = its offset.
-        a.mov(eax, r13d)?;
-        a.or(eax, 0x34)?;
-        cfg_read(a)?;
-        a.and(eax, 0xfc)?;
-        a.mov(r12d, eax)?;
-        a.mov(r10d, 48)?;
-        a.set_label(&mut walk)?;
-        a.test(r12d, r12d)?;
-        a.jz(no_cap)?;
-        a.mov(eax, r13d)?;
-        a.or(eax, r12d)?;
-        cfg_read(a)?;
-        a.cmp(al, 0x11)?;
-        a.je(found)?;
-        a.shr(eax, 8u32)?;
-        a.and(eax, 0xfc)?;
-        a.mov(r12d, eax)?;
-        a.dec(r10d)?;
-        a.jnz(walk)?;
-        a.jmp(no_cap)?;
-        a.set_label(&mut found)?;
+        // MSI-X (ID 0x11): r12d = its offset.
+        find_capability(a, 0x11, no_cap)?;
         // Table (r15) and PBA (rbp), both in BAR0 (BIR 0).
         a.mov(eax, r13d)?;
         a.or(eax, r12d)?;
@@ -480,6 +498,110 @@ pub fn vfio_msix() -> Result<GuestProgram, GuestError> {
     })
 }
 
+/// `vfio-flr` (see the module docs).
+pub fn vfio_flr() -> Result<GuestProgram, GuestError> {
+    const MARK: i32 = 0x5eed_f00d;
+    program("vfio-flr", |a| {
+        let mut no_cap = a.create_label();
+        let mut bad_scratch = a.create_label();
+        let mut bit_set = a.create_label();
+        let mut cmd_kept = a.create_label();
+        let mut bar_kept = a.create_label();
+        let mut not_reset = a.create_label();
+        setup(a, "vfio-flr")?;
+        a.mov(dword_ptr(r14 + REG_SCRATCH), MARK)?;
+        a.mov(dword_ptr(r14 + REG_CONTROL), 1)?;
+        a.cmp(dword_ptr(r14 + REG_SCRATCH), MARK)?;
+        a.jne(bad_scratch)?;
+        print(a, "vfio-flr: SCRATCH[0] and CONTROL written\n")?;
+        // PCI Express (ID 0x10): r12d = its offset.
+        find_capability(a, 0x10, no_cap)?;
+        // DevCap (cap + 4) bit 28: FLR capable.
+        a.mov(eax, r13d)?;
+        a.or(eax, r12d)?;
+        a.add(eax, 4)?;
+        cfg_read(a)?;
+        a.test(eax, 1 << 28)?;
+        a.jz(no_cap)?;
+        a.mov(eax, r12d)?;
+        print_hex(a, "vfio-flr: PCI Express capability at ")?;
+        print(a, ", FLR capable\n")?;
+        // DevCtl (cap + 8) bit 15: initiate FLR (DevSta written as 0).
+        a.mov(eax, r13d)?;
+        a.or(eax, r12d)?;
+        a.add(eax, 8)?;
+        cfg_read(a)?;
+        a.and(eax, 0xffff)?;
+        a.or(eax, 0x8000)?;
+        a.mov(ebx, eax)?;
+        a.mov(eax, r13d)?;
+        a.or(eax, r12d)?;
+        a.add(eax, 8)?;
+        cfg_write(a)?;
+        a.mov(eax, r13d)?;
+        a.or(eax, r12d)?;
+        a.add(eax, 8)?;
+        cfg_read(a)?;
+        a.test(eax, 0x8000)?;
+        a.jnz(bit_set)?;
+        // Command register and BAR0 are back at 0.
+        a.mov(eax, r13d)?;
+        a.or(eax, 0x04)?;
+        cfg_read(a)?;
+        a.test(eax, 0xffff)?;
+        a.jnz(cmd_kept)?;
+        a.mov(eax, r13d)?;
+        a.or(eax, 0x10)?;
+        cfg_read(a)?;
+        a.and(eax, -16i32)?;
+        a.jnz(bar_kept)?;
+        print(a, "vfio-flr: FLR done, command 0, BAR0 0\n")?;
+        // Re-program BAR0 and memory decode.
+        a.mov(eax, r13d)?;
+        a.or(eax, 0x10)?;
+        a.mov(ebx, r14d)?;
+        cfg_write(a)?;
+        a.mov(eax, r13d)?;
+        a.or(eax, 0x04)?;
+        a.mov(ebx, 0x2)?;
+        cfg_write(a)?;
+        a.mov(eax, dword_ptr(r14 + REG_ID))?;
+        a.cmp(eax, ID as i32)?;
+        a.jne(not_reset)?;
+        a.mov(eax, dword_ptr(r14 + REG_SCRATCH))?;
+        a.test(eax, eax)?;
+        a.jnz(not_reset)?;
+        a.mov(eax, dword_ptr(r14 + REG_CONTROL))?;
+        a.test(eax, eax)?;
+        a.jnz(not_reset)?;
+        print(a, "vfio-flr: BAR0 re-programmed, SCRATCH[0] and CONTROL at reset value 0\nvfio-flr: ok\n")?;
+        exit_with(a, 0)?;
+
+        a.set_label(&mut bad_scratch)?;
+        print(a, "vfio-flr: SCRATCH[0] did not keep its value\n")?;
+        exit_with(a, 5)?;
+        a.set_label(&mut no_cap)?;
+        print(a, "vfio-flr: no PCI Express capability advertising FLR\n")?;
+        exit_with(a, 14)?;
+        a.set_label(&mut bit_set)?;
+        print_hex(a, "vfio-flr: DevCtl reads back with the FLR bit set: ")?;
+        print(a, "\n")?;
+        exit_with(a, 15)?;
+        a.set_label(&mut cmd_kept)?;
+        print_hex(a, "vfio-flr: command register after FLR ")?;
+        print(a, "\n")?;
+        exit_with(a, 16)?;
+        a.set_label(&mut bar_kept)?;
+        print_hex(a, "vfio-flr: BAR0 after FLR ")?;
+        print(a, "\n")?;
+        exit_with(a, 17)?;
+        a.set_label(&mut not_reset)?;
+        print_hex(a, "vfio-flr: register not at its reset value after FLR: ")?;
+        print(a, "\n")?;
+        exit_with(a, 18)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -489,6 +611,7 @@ mod tests {
         assert!(!vfio_demo().unwrap().code.is_empty());
         assert!(!vfio_verify().unwrap().code.is_empty());
         assert!(!vfio_msix().unwrap().code.is_empty());
+        assert!(!vfio_flr().unwrap().code.is_empty());
         assert_ne!(scratch_value(1, 0), scratch_value(2, 0));
         assert_ne!(scratch_value(1, 0), scratch_value(1, 1));
     }

@@ -34,6 +34,16 @@ const STATUS_CAP_LIST: u16 = 1 << 4;
 
 const CAP_ID_MSI: u8 = 0x05;
 const CAP_ID_MSIX: u8 = 0x11;
+const CAP_ID_EXP: u8 = 0x10;
+
+/// PCI Express capability: Device Capabilities (cap + 4) and Device
+/// Control (cap + 8).
+pub const EXP_DEVCAP: usize = 4;
+pub const EXP_DEVCTL: usize = 8;
+/// DevCap: Function Level Reset capable.
+pub const EXP_DEVCAP_FLR: u32 = 1 << 28;
+/// DevCtl: initiate Function Level Reset (always reads 0).
+pub const EXP_DEVCTL_BCR_FLR: u16 = 1 << 15;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -155,6 +165,9 @@ pub enum ConfigEffect {
     MsiRoute,
     MsixControl,
     IntxDisable,
+    /// The guest initiated a Function Level Reset (PCIe DevCtl bit 15 with
+    /// FLR advertised in DevCap), as QEMU's pcie_cap_flr_write_config.
+    FunctionReset,
     /// These bytes should reach the device's own config space.
     Forward {
         offset: usize,
@@ -170,6 +183,8 @@ pub struct ConfigSpace {
     rom_size: u64,
     msi: Option<MsiCap>,
     msix: Option<MsixCap>,
+    /// Offset of the PCI Express capability.
+    exp: Option<usize>,
 }
 
 fn rd16(b: &[u8], at: usize) -> u16 {
@@ -192,8 +207,15 @@ impl ConfigSpace {
 
     /// Build from raw device config bytes and region sizes.
     pub fn build(raw: [u8; CONFIG_LEN], bar_sizes: &[u64], rom_size: u64, has_intx: bool) -> Self {
-        let mut c =
-            Self { bytes: raw, wmask: [0; CONFIG_LEN], bars: [None; 6], rom_size: 0, msi: None, msix: None };
+        let mut c = Self {
+            bytes: raw,
+            wmask: [0; CONFIG_LEN],
+            bars: [None; 6],
+            rom_size: 0,
+            msi: None,
+            msix: None,
+            exp: None,
+        };
         c.bytes[0x0e] &= 0x80; // header type 0 (keep the multifunction bit)
         c.set16(PCI_COMMAND, 0);
         c.wmask[PCI_COMMAND..PCI_COMMAND + 2].copy_from_slice(&CMD_WRITABLE.to_le_bytes());
@@ -278,9 +300,19 @@ impl ConfigSpace {
             match self.bytes[ptr] {
                 CAP_ID_MSI => self.virtualise_msi(ptr),
                 CAP_ID_MSIX => self.virtualise_msix(ptr),
+                CAP_ID_EXP if ptr + EXP_DEVCTL + 2 <= CONFIG_LEN && self.exp.is_none() => {
+                    self.exp = Some(ptr)
+                }
                 _ => {}
             }
             link = ptr + 1;
+        }
+        if let Some(cap) = self.exp {
+            // Emulated, never forwarded nor writable (even under another
+            // capability's mask when malformed ones overlap): reads 0.
+            let flr = (EXP_DEVCTL_BCR_FLR >> 8) as u8;
+            self.bytes[cap + EXP_DEVCTL + 1] &= !flr;
+            self.wmask[cap + EXP_DEVCTL + 1] &= !flr;
         }
     }
 
@@ -358,6 +390,7 @@ impl ConfigSpace {
         if start >= CONFIG_LEN {
             return Ok(Vec::new()); // extended space: nothing writable
         }
+        let flr = self.flr_requested(start, data);
         let before = self.bytes;
         for (i, &v) in data.iter().enumerate() {
             let at = start + i;
@@ -366,7 +399,48 @@ impl ConfigSpace {
                 self.bytes[at] = (self.bytes[at] & !m) | (v & m);
             }
         }
-        Ok(self.effects(&before, start, data.len().min(CONFIG_LEN - start)))
+        let mut fx = self.effects(&before, start, data.len().min(CONFIG_LEN - start));
+        if flr {
+            fx.push(ConfigEffect::FunctionReset);
+        }
+        Ok(fx)
+    }
+
+    /// Whether a write of `data` at `start` sets DevCtl's "initiate FLR"
+    /// on a function whose DevCap advertises FLR. The bit itself is never
+    /// writable, so it reads back 0.
+    fn flr_requested(&self, start: usize, data: &[u8]) -> bool {
+        let Some(cap) = self.exp else {
+            return false;
+        };
+        let high = cap + EXP_DEVCTL + 1; // the byte holding bit 15
+        let Some(&v) = high.checked_sub(start).and_then(|i| data.get(i)) else {
+            return false;
+        };
+        v & (EXP_DEVCTL_BCR_FLR >> 8) as u8 != 0 && self.flr_capable()
+    }
+
+    /// The PCI Express capability's offset, if the device has one.
+    pub fn express(&self) -> Option<usize> {
+        self.exp
+    }
+
+    /// DevCap advertises Function Level Reset.
+    pub fn flr_capable(&self) -> bool {
+        self.exp.is_some_and(|cap| rd32(&self.bytes, cap + EXP_DEVCAP) & EXP_DEVCAP_FLR != 0)
+    }
+
+    /// Back to the state after a reset, as QEMU's pci_do_device_reset:
+    /// every guest-writable bit cleared (command, interrupt line, cache
+    /// line size, BAR and ROM addresses, MSI control/address/data/mask,
+    /// MSI-X control); read-only bits (IDs, BAR types, table size) and the
+    /// latency timer stay.
+    pub fn reset(&mut self) {
+        for (at, (b, m)) in self.bytes.iter_mut().zip(self.wmask.iter()).enumerate() {
+            if at != 0x0d {
+                *b &= !m;
+            }
+        }
     }
 
     fn effects(&self, before: &[u8; CONFIG_LEN], start: usize, len: usize) -> Vec<ConfigEffect> {
@@ -767,5 +841,106 @@ mod tests {
         other[0] = 0x86;
         assert!(matches!(b.restore(&other), Err(ConfigError::Identity { .. })));
         assert!(b.restore(&saved[..100]).is_err());
+    }
+
+    /// BAR0 4 KiB mem32, MSI-X in it, then a PCI Express capability at
+    /// 0x80 whose DevCap is `devcap` and whose DevCtl has bits set.
+    fn express(devcap: u32) -> ConfigSpace {
+        let mut raw = [0u8; CONFIG_LEN];
+        raw[0..4].copy_from_slice(&[0xe5, 0x1d, 0x02, 0x00]);
+        raw[PCI_STATUS] = 0x10;
+        raw[PCI_CAP_PTR] = 0x60;
+        raw[PCI_INT_PIN] = 1;
+        raw[0x60] = CAP_ID_MSIX;
+        raw[0x61] = 0x80;
+        raw[0x62..0x64].copy_from_slice(&0x0001u16.to_le_bytes());
+        raw[0x64..0x68].copy_from_slice(&0x0000_0800u32.to_le_bytes());
+        raw[0x68..0x6c].copy_from_slice(&0x0000_0c00u32.to_le_bytes());
+        raw[0x80] = CAP_ID_EXP;
+        raw[0x82] = 0x02; // version 2, endpoint
+        raw[0x84..0x88].copy_from_slice(&devcap.to_le_bytes());
+        raw[0x88..0x8a].copy_from_slice(&0x8010u16.to_le_bytes()); // FLR "in progress", relaxed ordering
+        ConfigSpace::build(raw, &[4096, 0, 0, 0, 0, 0], 0, true)
+    }
+
+    fn r16(c: &ConfigSpace, off: u32) -> u16 {
+        let mut b = [0u8; 2];
+        c.read(off, &mut b).unwrap();
+        u16::from_le_bytes(b)
+    }
+
+    #[test]
+    fn flr_is_an_effect_only_when_advertised_and_reads_back_zero() {
+        let mut c = express(EXP_DEVCAP_FLR);
+        assert_eq!(c.express(), Some(0x80));
+        assert!(c.flr_capable());
+        assert_eq!(r16(&c, 0x88), 0x0010, "FLR bit hidden, other bits kept");
+        // Word, byte and dword writes that set bit 15 all initiate it.
+        let fx = c.write(0x88, &0x8000u16.to_le_bytes()).unwrap();
+        assert_eq!(fx, [ConfigEffect::FunctionReset]);
+        assert_eq!(c.write(0x89, &[0x80]).unwrap(), [ConfigEffect::FunctionReset]);
+        assert_eq!(w32(&mut c, 0x88, 0xffff_ffff), [ConfigEffect::FunctionReset]);
+        assert_eq!(w32(&mut c, 0x84, 0), [], "a dword below DevCtl does not reach bit 15");
+        assert_eq!(r16(&c, 0x88), 0x0010, "reads back 0; the rest of DevCtl stays read-only");
+        assert_eq!(r32(&c, 0x84), EXP_DEVCAP_FLR, "DevCap read-only");
+        // Other DevCtl bits: no effect, and not writable.
+        assert!(c.write(0x88, &0x7fffu16.to_le_bytes()).unwrap().is_empty());
+        assert!(c.write(0x88, &[0xff]).unwrap().is_empty());
+        assert_eq!(r16(&c, 0x88), 0x0010);
+        // An 8-byte write covering DevCtl.
+        assert_eq!(c.write(0x84, &[0, 0, 0, 0, 0, 0x80, 0, 0]).unwrap(), [ConfigEffect::FunctionReset]);
+
+        // Without FLR in DevCap the bit is ignored.
+        let mut c = express(0x0000_8000);
+        assert!(!c.flr_capable());
+        assert!(c.write(0x88, &0x8000u16.to_le_bytes()).unwrap().is_empty());
+        assert_eq!(r16(&c, 0x88), 0x0010);
+        // A device with no PCIe capability: nothing at all.
+        let mut s = sample();
+        assert_eq!(s.express(), None);
+        assert!(!s.write(0x89, &[0x80]).unwrap().contains(&ConfigEffect::FunctionReset));
+        // A capability too close to the end of config space is not used.
+        let mut raw = [0u8; CONFIG_LEN];
+        raw[PCI_STATUS] = 0x10;
+        raw[PCI_CAP_PTR] = 0xf8;
+        raw[0xf8] = CAP_ID_EXP;
+        raw[0xfc..0x100].copy_from_slice(&EXP_DEVCAP_FLR.to_le_bytes());
+        let mut edge = ConfigSpace::build(raw, &[0; 6], 0, false);
+        assert_eq!(edge.express(), None);
+        assert!(edge.write(0xfc, &u32::MAX.to_le_bytes()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn reset_clears_what_pci_do_device_reset_clears() {
+        let mut c = sample();
+        w32(&mut c, 0x10, 0xc000_0000);
+        w32(&mut c, 0x18, 0x1000_0000);
+        w32(&mut c, 0x1c, 0x1);
+        w32(&mut c, 0x20, 0xc040);
+        w32(&mut c, 0x30, 0xd000_0001);
+        c.write(0x04, &(CMD_MEM | CMD_IO | CMD_INTX_DISABLE | 0x4).to_le_bytes()).unwrap();
+        c.write(0x0c, &[0x10, 0x40]).unwrap();
+        c.write(PCI_INT_LINE as u32, &[11]).unwrap();
+        let msi = c.msi().unwrap().offset as u32;
+        w32(&mut c, msi + 4, 0xfee0_0000);
+        c.write(msi + 12, &0x41u16.to_le_bytes()).unwrap();
+        w32(&mut c, msi + 16, 0x3);
+        c.write(msi + 2, &[0x21]).unwrap();
+        c.write(0x63, &[0xc0]).unwrap();
+        assert!(c.bar_address(0).is_some() && c.rom_address().is_some() && c.msix_enabled());
+
+        c.reset();
+        assert_eq!(c.command(), 0, "decoding stops");
+        assert_eq!((r32(&c, 0x10), r32(&c, 0x18), r32(&c, 0x1c)), (0, 0xc, 0), "addresses gone, types kept");
+        assert_eq!((r32(&c, 0x20), r32(&c, 0x30)), (1, 0));
+        assert_eq!((c.bar_address(0), c.bar_address(2), c.rom_address()), (None, None, None));
+        assert_eq!(r32(&c, 0x0c) & 0xffff, 0x4000, "cache line size cleared, latency timer kept");
+        assert_eq!(c.bytes()[PCI_INT_LINE], 0);
+        assert_eq!(c.msi_state(), Some((false, 1, 0, 0)));
+        assert_eq!(r32(&c, msi + 16), 0, "MSI mask bits cleared");
+        assert_eq!(c.msix_control(), (false, false));
+        assert_eq!(r32(&c, 0x60) >> 16, 0x0007, "table size kept");
+        assert_eq!(r32(&c, 0), 0x0001_1de5, "IDs kept");
+        assert_eq!(r32(&c, 0x3c) >> 8 & 0xff, 1, "pin kept");
     }
 }

@@ -263,8 +263,13 @@ impl VfioPci {
         let mut bars = false;
         let mut msi = false;
         let mut msix = false;
+        if effects.contains(&ConfigEffect::FunctionReset) {
+            // Everything config space drives is re-derived by the reset.
+            return self.function_reset();
+        }
         for fx in effects {
             match *fx {
+                ConfigEffect::FunctionReset => {}
                 ConfigEffect::Decode | ConfigEffect::BarWritten(_) => bars = true,
                 ConfigEffect::MsiControl | ConfigEffect::MsiRoute => msi = true,
                 ConfigEffect::MsixControl => msix = true,
@@ -360,6 +365,23 @@ impl VfioPci {
         }
         self.apply_effects(&fx)?;
         self.backend.reset().map_err(|e| self.err(format!("reset: {e}")))
+    }
+
+    /// A guest-initiated Function Level Reset, as QEMU's FLR path
+    /// (pcie_cap_flr_write_config -> vfio_pci_reset, pci_do_device_reset):
+    /// interrupts off and the device reset as [`Self::reset`], and the
+    /// emulated config space back to its reset state, so decoding stops and
+    /// every BAR mapping and trap goes away. INTx routing is kept.
+    pub fn function_reset(&mut self) -> Result<(), PluginError> {
+        log::info!("vfio-pci {}: function level reset", self.id);
+        self.config.reset();
+        // As vfio_pci_pre_reset: stop decode and bus mastering in the device.
+        let cmd = self.config.bytes()[0x04..0x06].to_vec();
+        if let Err(e) = self.backend.region_write(VFIO_PCI_CONFIG_REGION_INDEX, 0x04, &cmd) {
+            log::debug!("vfio-pci {}: clearing the device's command register: {e}", self.id);
+        }
+        self.sync_bars();
+        self.reset()
     }
 
     /// The MSI-X vectors (for tests and diagnostics).

@@ -63,6 +63,11 @@ impl Mock {
         c[0x52] = 3;
         c[0x54..0x58].copy_from_slice(&0x2002u32.to_le_bytes());
         c[0x58..0x5c].copy_from_slice(&0x3002u32.to_le_bytes());
+        c[0x51] = 0x60;
+        // PCI Express endpoint advertising Function Level Reset.
+        c[0x60] = 0x10;
+        c[0x62] = 0x02;
+        c[0x64..0x68].copy_from_slice(&(1u32 << 28).to_le_bytes());
         let f = Arc::new(Mutex::new(Faults { state: Some(MigState::Running), ..Default::default() }));
         let bar2 = MemoryBackend::memfd("bar2", 64 << 10).unwrap();
         (Self { config: c, bar2, f: f.clone() }, f)
@@ -494,4 +499,60 @@ fn msix_table_and_pending_bits_migrate_with_config_space() {
     assert!(e.message.contains("MSI-X"), "{e}");
     other.load_state(1, &none).unwrap();
     assert_eq!(other.msix().unwrap().table.entry(0).map(|e| e.masked()), Some(true));
+}
+
+#[test]
+fn guest_flr_resets_the_device_and_drops_interrupts_and_bar_mappings() {
+    let (mut d, host, f) = front_end();
+    host.state.lock().unwrap().owned = Some((SUITE_REGION_GPA, 64 << 10));
+    d.plug(PlugInfo { region_gpa: Some(SUITE_REGION_GPA).into() }).unwrap();
+    cfg_write(&mut d, 0x10, 0xd000_0000);
+    cfg_write(&mut d, 0x04, 0x2);
+    d.mmio_write(TABLE, &0xfee0_0000u64.to_le_bytes()).unwrap();
+    d.mmio_write(TABLE + 8, &0x45u32.to_le_bytes()).unwrap();
+    d.mmio_write(TABLE + 12, &0u32.to_le_bytes()).unwrap();
+    d.pci_config_write(0x53, &[0x80]).unwrap();
+    assert_eq!(msix_routes(&host), [(0xfee0_0000, 0x45)]);
+    assert_eq!(d.bar_mappings().len(), 2, "{:?}", d.bar_mappings());
+    let sets_before = f.lock().unwrap().set_irqs.len();
+
+    // Other DevCtl bits do nothing.
+    d.pci_config_write(0x68, &0x7fffu16.to_le_bytes()).unwrap();
+    assert_eq!(f.lock().unwrap().resets, 0);
+    assert_eq!(msix_routes(&host).len(), 1);
+
+    // Initiate FLR.
+    d.pci_config_write(0x68, &0x8000u16.to_le_bytes()).unwrap();
+    assert_eq!(f.lock().unwrap().resets, 1, "VFIO_DEVICE_RESET through the backend");
+    assert!(msix_routes(&host).is_empty() && f.lock().unwrap().msix.is_empty(), "MSI-X torn down");
+    assert!(f.lock().unwrap().set_irqs.len() > sets_before);
+    assert!(d.bar_mappings().is_empty(), "decode off: {:?}", d.bar_mappings());
+    let mut b = [0u8; 4];
+    d.pci_config_read(0x68, &mut b[..2]).unwrap();
+    assert_eq!(b[..2], [0, 0], "FLR bit reads back 0");
+    d.pci_config_read(0x04, &mut b[..2]).unwrap();
+    assert_eq!(b[..2], [0, 0], "command cleared");
+    for bar in [0x10, 0x18, 0x1c] {
+        d.pci_config_read(bar, &mut b).unwrap();
+        assert_eq!(u32::from_le_bytes(b) & !0xf, 0, "BAR at {bar:#x} cleared");
+    }
+    let mut ctl = [0u8; 2];
+    d.pci_config_read(0x52, &mut ctl).unwrap();
+    assert_eq!(ctl, [3, 0], "MSI-X off, table size kept");
+    let io = host.state.lock().unwrap().io.clone();
+    assert!(io.is_empty(), "no trapped ranges left: {io:?}");
+    let mut data = [0u8; 4];
+    d.mmio_read(0xd000_0010, &mut data).unwrap();
+    assert_eq!(data, [0xff; 4], "BAR0 no longer decodes");
+
+    // Re-programmed, the BAR decodes again and the table starts masked.
+    cfg_write(&mut d, 0x18, 0);
+    cfg_write(&mut d, 0x1c, (SUITE_REGION_GPA >> 32) as u32);
+    cfg_write(&mut d, 0x18, SUITE_REGION_GPA as u32);
+    cfg_write(&mut d, 0x04, 0x2);
+    assert!(d.bar_mappings().iter().any(|m| m.index == 2));
+    assert_eq!((mmio32(&mut d, TABLE), mmio32(&mut d, TABLE + 12)), (0, 1));
+    d.unplug().unwrap();
+    let left = host.state.lock().unwrap().leftovers();
+    assert!(left.is_empty(), "{left:?}");
 }

@@ -18,6 +18,10 @@
 //! | 0x030/0x034 | DIGEST lo/hi of the whole state (lo computes) | RO |
 //! | 0x038 | TOUCH: writing N advances page N % pages | WO |
 //! | 0x100–0x13c | SCRATCH[16] | RW |
+//!
+//! Config space has a PCI Express capability at [`EXP_CAP`] whose DevCap
+//! advertises Function Level Reset: setting DevCtl bit 15 resets the
+//! device as `reset` does (registers and config space to defaults).
 //! | 0x800–0x81f | MSI-X table, [`MSIX_VECTORS`] entries | (emulated by vfio-pci) |
 //! | 0xc00–0xc07 | MSI-X PBA | (emulated by vfio-pci) |
 //!
@@ -61,6 +65,11 @@ pub const CONFIG_SIZE: usize = 256;
 pub const MSI_CAP: usize = 0x40;
 pub const VENDOR_CAP: usize = 0x50;
 pub const MSIX_CAP: usize = 0x60;
+/// PCI Express capability (endpoint): DevCap advertises FLR, DevCtl bit 15
+/// initiates it.
+pub const EXP_CAP: usize = 0x70;
+pub const EXP_DEVCAP_FLR: u32 = 1 << 28;
+pub const EXP_DEVCTL_BCR_FLR: u16 = 1 << 15;
 pub const MSIX_VECTORS: usize = 2;
 pub const MSIX_TABLE_OFFSET: u32 = 0x800;
 pub const MSIX_PBA_OFFSET: u32 = 0xc00;
@@ -178,6 +187,13 @@ fn initial_config() -> [u8; CONFIG_SIZE] {
     c[MSIX_CAP + 2..MSIX_CAP + 4].copy_from_slice(&(MSIX_VECTORS as u16 - 1).to_le_bytes());
     c[MSIX_CAP + 4..MSIX_CAP + 8].copy_from_slice(&MSIX_TABLE_OFFSET.to_le_bytes());
     c[MSIX_CAP + 8..MSIX_CAP + 12].copy_from_slice(&MSIX_PBA_OFFSET.to_le_bytes());
+    c[MSIX_CAP + 1] = EXP_CAP as u8;
+    // PCI Express v2 endpoint, 128-byte payload, FLR capable; the last
+    // capability. DevCtl: relaxed ordering, no snoop (the defaults).
+    c[EXP_CAP] = 0x10;
+    c[EXP_CAP + 2..EXP_CAP + 4].copy_from_slice(&0x0002u16.to_le_bytes());
+    c[EXP_CAP + 4..EXP_CAP + 8].copy_from_slice(&EXP_DEVCAP_FLR.to_le_bytes());
+    c[EXP_CAP + 8..EXP_CAP + 10].copy_from_slice(&0x0810u16.to_le_bytes());
     c
 }
 
@@ -220,6 +236,8 @@ struct Inner {
     session: Session,
     next_stream: u64,
     rng: u64,
+    /// Resets so far (VFIO_DEVICE_RESET and FLR).
+    resets: u64,
 }
 
 struct Shared {
@@ -378,6 +396,18 @@ impl Inner {
         }
     }
 
+    /// Registers and config space back to defaults, migration back to
+    /// RUNNING (VFIO_DEVICE_RESET, or an FLR through config space).
+    fn reset(&mut self) {
+        self.session = Session::None;
+        self.state = MigState::Running;
+        let generation = self.regs.generation;
+        self.regs = Regs { generation, ..Regs::new() };
+        self.irqs.intx_masked = false;
+        self.resets = self.resets.wrapping_add(1);
+        log::info!("vendor-sample: reset");
+    }
+
     fn check_range(index: u32, size: u64, offset: u64, len: usize) -> Result<(), VfioError> {
         if len == 0 || offset.checked_add(len as u64).is_none_or(|end| end > size) {
             return Err(VfioError::invalid(format!(
@@ -409,6 +439,7 @@ impl SampleDevice {
             session: Session::None,
             next_stream: 1,
             rng: config.seed | 1,
+            resets: 0,
         };
         let background = config.background;
         let shared = Arc::new(Shared {
@@ -441,6 +472,11 @@ impl SampleDevice {
     pub fn snapshot(&self) -> (Vec<u8>, Vec<u8>) {
         let g = self.lock();
         (g.pages.bytes().to_vec(), g.regs.encode())
+    }
+
+    /// Resets so far (VFIO_DEVICE_RESET and FLR through config space).
+    pub fn resets(&self) -> u64 {
+        self.lock().resets
     }
 
     /// Change page `i` now (as the background thread does).
@@ -634,10 +670,16 @@ impl VfioDriver for SampleDevice {
             }
             VFIO_PCI_CONFIG_REGION_INDEX => {
                 Inner::check_range(index, CONFIG_SIZE as u64, offset, data.len())?;
+                let mut flr = false;
                 for (i, &b) in data.iter().enumerate() {
                     let o = offset as usize + i;
                     let mask = config_write_mask(o);
                     g.regs.config[o] = (g.regs.config[o] & !mask) | (b & mask);
+                    flr |= o == EXP_CAP + 9 && b & (EXP_DEVCTL_BCR_FLR >> 8) as u8 != 0;
+                }
+                if flr {
+                    log::info!("vendor-sample: function level reset");
+                    g.reset();
                 }
                 Ok(())
             }
@@ -705,13 +747,7 @@ impl VfioDriver for SampleDevice {
     }
 
     fn reset(&self) -> Result<(), VfioError> {
-        let mut g = self.lock();
-        g.session = Session::None;
-        g.state = MigState::Running;
-        let generation = g.regs.generation;
-        g.regs = Regs { generation, ..Regs::new() };
-        g.irqs.intx_masked = false;
-        log::info!("vendor-sample: reset");
+        self.lock().reset();
         Ok(())
     }
 

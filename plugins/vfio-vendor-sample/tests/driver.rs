@@ -17,8 +17,9 @@ use dmhost_plugin_api::{
 use vfio_vendor_sample::{
     config::SampleConfig,
     device::{
-        SampleDevice, CONTROL_IRQ_ENABLE, MSIX_CAP, MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET, MSIX_VECTORS,
-        MSI_CAP, REG_CONTROL, REG_DIGEST, REG_DOORBELL, REG_SCRATCH, REG_STATUS,
+        SampleDevice, CONTROL_IRQ_ENABLE, EXP_CAP, EXP_DEVCAP_FLR, EXP_DEVCTL_BCR_FLR, MSIX_CAP,
+        MSIX_PBA_OFFSET, MSIX_TABLE_OFFSET, MSIX_VECTORS, MSI_CAP, REG_CONTROL, REG_DIGEST, REG_DOORBELL,
+        REG_SCRATCH, REG_STATUS,
     },
 };
 
@@ -333,4 +334,40 @@ fn doorbell_fires_the_msix_vector_it_names() {
     assert!(d.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, u32::MAX, &[-1]).is_err());
     assert!(d.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, 0, &[-1, -1, -1]).is_err());
     assert!(d.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_MASK, 0, &[]).is_err());
+}
+
+#[test]
+fn flr_through_config_space_resets_registers_and_config() {
+    let d = dev(r#"{"state-size":"64K","background":false}"#);
+    let mut cap = [0u8; 12];
+    d.region_read(VFIO_PCI_CONFIG_REGION_INDEX, EXP_CAP as u64, &mut cap).unwrap();
+    assert_eq!(cap[0], 0x10, "PCI Express capability");
+    let mut next = [0u8];
+    d.region_read(VFIO_PCI_CONFIG_REGION_INDEX, MSIX_CAP as u64 + 1, &mut next).unwrap();
+    assert_eq!(next[0] as usize, EXP_CAP, "appended after MSI-X");
+    assert_eq!(u32::from_le_bytes([cap[4], cap[5], cap[6], cap[7]]) & EXP_DEVCAP_FLR, EXP_DEVCAP_FLR);
+    let devctl = u16::from_le_bytes([cap[8], cap[9]]);
+    assert_eq!(devctl & EXP_DEVCTL_BCR_FLR, 0);
+
+    d.region_write(0, REG_SCRATCH, &0x1234_5678u32.to_le_bytes()).unwrap();
+    d.region_write(0, REG_CONTROL, &CONTROL_IRQ_ENABLE.to_le_bytes()).unwrap();
+    d.region_write(VFIO_PCI_CONFIG_REGION_INDEX, 0x04, &[0x02]).unwrap();
+    // Other DevCtl bits: no reset.
+    d.region_write(VFIO_PCI_CONFIG_REGION_INDEX, EXP_CAP as u64 + 8, &0x7fffu16.to_le_bytes()).unwrap();
+    assert_eq!(d.resets(), 0);
+    d.region_write(VFIO_PCI_CONFIG_REGION_INDEX, EXP_CAP as u64 + 8, &EXP_DEVCTL_BCR_FLR.to_le_bytes())
+        .unwrap();
+    assert_eq!(d.resets(), 1);
+    let mut v = [0u8; 4];
+    d.region_read(0, REG_SCRATCH, &mut v).unwrap();
+    assert_eq!(v, [0; 4], "scratch back to 0");
+    d.region_read(0, REG_CONTROL, &mut v).unwrap();
+    assert_eq!(v, [0; 4]);
+    let mut after = [0u8; 12];
+    d.region_read(VFIO_PCI_CONFIG_REGION_INDEX, EXP_CAP as u64, &mut after).unwrap();
+    assert_eq!(after, cap, "DevCtl reads back its default, FLR bit 0");
+    d.region_read(VFIO_PCI_CONFIG_REGION_INDEX, 0x04, &mut v[..2]).unwrap();
+    assert_eq!(v[..2], [0, 0], "command cleared");
+    d.reset().unwrap();
+    assert_eq!(d.resets(), 2, "VFIO_DEVICE_RESET counts too");
 }
