@@ -396,34 +396,63 @@ fn spawn_memory_hotplug_guest(
     (child, rx, sock)
 }
 
+/// The `memory-hotplug` guest with a 4 MiB pc-dimm hot-plugged once it
+/// waits, the plug announced by the GED.
+struct HotplugRun {
+    child: std::process::Child,
+    rx: mpsc::Receiver<String>,
+    client: Client,
+    /// Guest-physical base of the DIMM.
+    gpa: u64,
+}
+
+impl HotplugRun {
+    fn start(dir: &Path, extra: &str) -> Self {
+        let (child, rx, sock) = spawn_memory_hotplug_guest(dir, extra);
+        let first = rx.recv_timeout(Duration::from_secs(30)).expect("guest output");
+        assert_eq!(first, "mhp: waiting for a DIMM");
+        let mut client = Client::connect(&sock);
+        let r = client.cmd("device_add", json!({"driver": "pc-dimm", "id": "hot0", "size": "4M"}));
+        let gpa = r["return"]["region"][0].as_u64().unwrap_or_else(|| panic!("{r}"));
+        let run = Self { child, rx, client, gpa };
+        assert_eq!(run.next(), "mhp: GED events 0x0000000000000001");
+        run
+    }
+
+    fn next(&self) -> String {
+        self.rx.recv_timeout(Duration::from_secs(30)).expect("guest output")
+    }
+
+    /// The GED announces the removal, the guest sees the slot empty and
+    /// exits 0; its stderr.
+    fn finish_removed(mut self) -> String {
+        assert_eq!(self.next(), "mhp: GED events 0x0000000000000001");
+        assert_eq!(
+            self.next(),
+            "mhp: slot 0 status 0x0000000000000004 base 0x0000000000000000 size 0x0000000000000000"
+        );
+        let status = self.child.wait().unwrap();
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut self.child.stderr.take().unwrap(), &mut err).unwrap();
+        assert_eq!(status.code(), Some(0), "stderr: {err}");
+        err
+    }
+}
+
 #[test]
 fn memory_hotplug_is_visible_through_the_acpi_registers() {
     if !kvm_or_skip("memory_hotplug_is_visible_through_the_acpi_registers") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, rx, sock) = spawn_memory_hotplug_guest(dir.path(), "");
-    let next = || rx.recv_timeout(Duration::from_secs(30)).expect("guest output");
-    assert_eq!(next(), "mhp: waiting for a DIMM");
-    let mut c = Client::connect(&sock);
-    let r = c.cmd("device_add", json!({"driver": "pc-dimm", "id": "hot0", "size": "4M"}));
-    let gpa = r["return"]["region"][0].as_u64().unwrap_or_else(|| panic!("{r}"));
-    assert_eq!(next(), "mhp: GED events 0x0000000000000001");
+    let mut run = HotplugRun::start(dir.path(), "");
     assert_eq!(
-        next(),
-        format!("mhp: slot 0 status 0x0000000000000003 base 0x{gpa:016x} size 0x0000000000400000")
+        run.next(),
+        format!("mhp: slot 0 status 0x0000000000000003 base 0x{:016x} size 0x0000000000400000", run.gpa)
     );
-    assert_eq!(next(), "mhp: insert event cleared");
-    assert_eq!(c.cmd("device_del", json!({"id": "hot0"})), json!({"return": {}}));
-    assert_eq!(next(), "mhp: GED events 0x0000000000000001");
-    assert_eq!(
-        next(),
-        "mhp: slot 0 status 0x0000000000000004 base 0x0000000000000000 size 0x0000000000000000"
-    );
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert_eq!(status.code(), Some(0), "stderr: {err}");
+    assert_eq!(run.next(), "mhp: insert event cleared");
+    assert_eq!(run.client.cmd("device_del", json!({"id": "hot0"})), json!({"return": {}}));
+    run.finish_removed();
 }
 
 /// The guest's `_EJ0` (the eject bit of the hotplug registers) unplugs the
@@ -434,25 +463,11 @@ fn guest_eject_unplugs_the_dimm() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, rx, sock) = spawn_memory_hotplug_guest(dir.path(), "[regs]\nr9 = 1\n");
-    let next = || rx.recv_timeout(Duration::from_secs(30)).expect("guest output");
-    assert_eq!(next(), "mhp: waiting for a DIMM");
-    let mut c = Client::connect(&sock);
-    let r = c.cmd("device_add", json!({"driver": "pc-dimm", "id": "hot0", "size": "4M"}));
-    assert!(r["return"]["region"][0].as_u64().is_some(), "{r}");
-    assert_eq!(next(), "mhp: GED events 0x0000000000000001");
-    assert!(next().starts_with("mhp: slot 0 status 0x0000000000000003"));
-    assert_eq!(next(), "mhp: insert event cleared");
-    assert_eq!(next(), "mhp: ejecting");
-    assert_eq!(next(), "mhp: GED events 0x0000000000000001");
-    assert_eq!(
-        next(),
-        "mhp: slot 0 status 0x0000000000000004 base 0x0000000000000000 size 0x0000000000000000"
-    );
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert_eq!(status.code(), Some(0), "stderr: {err}");
+    let run = HotplugRun::start(dir.path(), "[regs]\nr9 = 1\n");
+    assert!(run.next().starts_with("mhp: slot 0 status 0x0000000000000003"));
+    assert_eq!(run.next(), "mhp: insert event cleared");
+    assert_eq!(run.next(), "mhp: ejecting");
+    let err = run.finish_removed();
     assert!(err.contains("the guest ejects hot0") && err.contains("device hot0 removed"), "{err}");
 }
 
