@@ -38,6 +38,27 @@ fn assert_verified(code: i32, out: &[String], err: &[String], rounds: u64) {
     );
 }
 
+/// A destination (with a control socket too) and a source running the
+/// `rounds`-round migrate-verify guest.
+struct Pair {
+    dst: VmProcess,
+    uri: String,
+    dst_sock: PathBuf,
+    src: VmProcess,
+    sock: PathBuf,
+}
+
+impl Pair {
+    fn start(dir: &Path, rounds: u64) -> Self {
+        let cfg = write_config(dir, rounds);
+        let dst_sock = dir.join("dst.sock");
+        let (dst, uri) =
+            VmProcess::destination(&cfg, "tcp:127.0.0.1:0", &["--control", dst_sock.to_str().unwrap()]);
+        let (src, sock) = VmProcess::source(dir, &cfg);
+        Self { dst, uri, dst_sock, src, sock }
+    }
+}
+
 #[test]
 fn postcopy_migrates_a_guest_that_outruns_the_link() {
     if !kvm_or_skip("postcopy_migrates_a_guest_that_outruns_the_link") {
@@ -45,11 +66,7 @@ fn postcopy_migrates_a_guest_that_outruns_the_link() {
     }
     let dir = tempfile::tempdir().unwrap();
     let rounds = 40000;
-    let cfg = write_config(dir.path(), rounds);
-    let dst_sock = dir.path().join("dst.sock");
-    let (dst, uri) =
-        VmProcess::destination(&cfg, "tcp:127.0.0.1:0", &["--control", dst_sock.to_str().unwrap()]);
-    let (src, sock) = VmProcess::source(dir.path(), &cfg);
+    let Pair { dst, uri, dst_sock, src, sock } = Pair::start(dir.path(), rounds);
     // 40 MB/s: one round dirties 80 MiB, so pre-copy never converges.
     let out = dmhost()
         .args(["migrate", "--control", sock.to_str().unwrap(), "--to", &uri])
@@ -104,11 +121,7 @@ fn postcopy_recovers_after_the_connection_breaks() {
     }
     let dir = tempfile::tempdir().unwrap();
     let rounds = 40000;
-    let cfg = write_config(dir.path(), rounds);
-    let dst_sock = dir.path().join("dst.sock");
-    let (dst, uri) =
-        VmProcess::destination(&cfg, "tcp:127.0.0.1:0", &["--control", dst_sock.to_str().unwrap()]);
-    let (src, sock) = VmProcess::source(dir.path(), &cfg);
+    let Pair { dst, uri, dst_sock, src, sock } = Pair::start(dir.path(), rounds);
     let mut c = ControlClient::connect(&sock).unwrap();
     // A slow background stream keeps post-copy going long enough to cut it.
     c.execute(
