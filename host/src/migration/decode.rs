@@ -658,28 +658,14 @@ fn parse_config(p: &mut Parser<'_>) -> Result<ConfigSection, StreamError> {
     }
     let ram_size = p.u64()?;
     let vcpus = p.u32()?;
-    let nblocks = usize::from(p.u16()?);
-    if nblocks > MAX_RAM_BLOCKS {
-        return Err(StreamError::TooLong {
-            what: "RAM block count",
-            len: nblocks as u64,
-            limit: MAX_RAM_BLOCKS as u64,
-        });
-    }
+    let nblocks = p.count("RAM block count", MAX_RAM_BLOCKS)?;
     let mut ram_blocks = Vec::with_capacity(nblocks);
     for _ in 0..nblocks {
         let id = p.string()?;
         let size = p.u64()?;
         ram_blocks.push(RamBlockInfo { id, size });
     }
-    let ndev = usize::from(p.u16()?);
-    if ndev > MAX_DEVICES {
-        return Err(StreamError::TooLong {
-            what: "device count",
-            len: ndev as u64,
-            limit: MAX_DEVICES as u64,
-        });
-    }
+    let ndev = p.count("device count", MAX_DEVICES)?;
     let mut devices = Vec::with_capacity(ndev);
     for _ in 0..ndev {
         let id = p.string()?;
@@ -701,6 +687,15 @@ struct Parser<'a> {
 }
 
 impl<'a> Parser<'a> {
+    /// A `u16` count, refused when over `limit`.
+    fn count(&mut self, what: &'static str, limit: usize) -> Result<usize, StreamError> {
+        let n = usize::from(self.u16()?);
+        if n > limit {
+            return Err(StreamError::TooLong { what, len: n as u64, limit: limit as u64 });
+        }
+        Ok(n)
+    }
+
     fn bad(&self, reason: String) -> StreamError {
         StreamError::Malformed { section: self.section.into(), reason }
     }
