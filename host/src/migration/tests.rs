@@ -850,3 +850,28 @@ fn sync_section_round_trips_and_older_readers_may_skip_it() {
     short.extend(end(2));
     assert!(read_all(&short).is_err(), "a sync payload is exactly a u64");
 }
+
+#[test]
+fn configuration_counts_over_their_limits_are_refused() {
+    let cfg = |blocks: u16, devices: Option<u16>| {
+        let mut p = Vec::new();
+        p.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+        p.extend_from_slice(&(1u64 << 20).to_le_bytes());
+        p.extend_from_slice(&1u32.to_le_bytes());
+        p.extend_from_slice(&blocks.to_le_bytes());
+        if let Some(d) = devices {
+            p.extend_from_slice(&d.to_le_bytes());
+        }
+        let mut s = header(VERSION_MAJOR, VERSION_MINOR);
+        s.extend(raw_section(section_type::CONFIG, 0, &p));
+        s
+    };
+    for (bytes, what) in
+        [(cfg(MAX_RAM_BLOCKS as u16 + 1, None), "RAM block count"), (cfg(0, Some(u16::MAX)), "device count")]
+    {
+        match StreamReader::new(&bytes[..]).and_then(|mut r| r.next_section()) {
+            Err(StreamError::TooLong { what: w, .. }) => assert_eq!(w, what),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+}
