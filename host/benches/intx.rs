@@ -10,7 +10,7 @@ use std::{os::fd::AsRawFd, time::Instant};
 
 use dmhost::{
     config::Isolation,
-    guest::{asm::*, RegPreset},
+    guest::{programs, RegPreset},
     loader::PluginRegistry,
     remote,
     testing::kvm_or_skip,
@@ -61,18 +61,8 @@ fn injection(n: u64) -> (f64, f64) {
 fn mmio(n: u64, reg: &PluginRegistry, iso: Isolation) -> f64 {
     let vm = vm();
     remote::add_device(&vm, reg, "testdev", "t", &format!(r#"{{"mmio-base":{MMIO}}}"#), iso).unwrap();
-    let prog = program("bench", |a| {
-        let mut l = a.create_label();
-        a.mov(rbx, MMIO)?;
-        a.mov(rcx, n)?;
-        a.set_label(&mut l)?;
-        a.mov(dword_ptr(rbx + testdev::regs::SCRATCH as i32), ecx)?;
-        a.dec(rcx)?;
-        a.jnz(l)?;
-        exit_with(a, 0)
-    })
-    .unwrap();
-    vm.load_program(&prog, &RegPreset::default()).unwrap();
+    let regs = [("rcx".to_owned(), n), ("r8".to_owned(), MMIO + testdev::regs::SCRATCH)];
+    vm.load_program(&programs::mmio_loop().unwrap(), &RegPreset(regs.into_iter().collect())).unwrap();
     let t = Instant::now();
     vm.start().unwrap();
     assert_eq!(vm.wait(), VmExit::Guest(0));

@@ -169,6 +169,14 @@ pub fn build_tables(
     Ok(BuiltTables { image, fit })
 }
 
+/// Drive the GED's interrupt line to `level`.
+fn ged_line(vm: &VmShared, level: bool) {
+    if let Err(e) = vm.kvm.set_irq_line(GED_GSI, level) {
+        let what = if level { "raise" } else { "lower" };
+        log::error!("ACPI: cannot {what} the GED interrupt (GSI {GED_GSI}): {e}");
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -329,9 +337,7 @@ impl AcpiHost {
         }
         if booted && events != 0 && lock(&self.ged).raise(events) {
             log::debug!("ACPI: GED events {events:#x}, raising GSI {GED_GSI}");
-            if let Err(e) = vm.shared().kvm.set_irq_line(GED_GSI, true) {
-                log::error!("ACPI: cannot raise the GED interrupt (GSI {GED_GSI}): {e}");
-            }
+            ged_line(vm.shared(), true);
         }
         log::debug!("ACPI: {} tables, {} bytes", built.image.tables.len(), built.image.bytes.len());
         Ok(())
@@ -388,10 +394,9 @@ impl AcpiHost {
 impl BusDevice for AcpiHost {
     fn read(&self, _space: IoSpace, addr: u64, data: &mut [u8]) {
         if let Some(off) = addr.checked_sub(GED_PORT.into()).filter(|&o| o < u64::from(GED_LEN)) {
-            if lock(&self.ged).read(off, data) {
-                if let Some(Err(e)) = self.vm.upgrade().map(|vm| vm.kvm.set_irq_line(GED_GSI, false)) {
-                    log::error!("ACPI: cannot lower the GED interrupt (GSI {GED_GSI}): {e}");
-                }
+            let cleared = lock(&self.ged).read(off, data);
+            if let (true, Some(vm)) = (cleared, self.vm.upgrade()) {
+                ged_line(&vm, false);
             }
             return;
         }

@@ -248,10 +248,10 @@ impl Sender<'_> {
             // Close to the end, let the destination load what is still in
             // flight (the guest runs meanwhile) and judge again after one
             // more round, which sends what the guest dirtied in that wait.
-            caught_up = converged && {
+            if converged {
                 self.sync_destination(ack.as_mut())?;
-                true
-            };
+            }
+            caught_up = converged;
             if round >= params.max_rounds {
                 log::warn!("migration: not converged after {round} rounds; forcing the switch-over");
                 break;
@@ -286,11 +286,7 @@ impl Sender<'_> {
                 Ok(_) => match read_line_rest(ret, first.to_vec()) {
                     Ok(line) if line == want => break Ok(true),
                     Ok(line) if line.starts_with(SYNCED) => continue,
-                    Ok(line) => {
-                        break Err(MigrationError::Refused(
-                            line.strip_prefix("error: ").unwrap_or(&line).to_owned(),
-                        ))
-                    }
+                    Ok(line) => break Err(refused(&line)),
                     Err(e) => break Err(MigrationError::NoAck(e.to_string())),
                 },
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break Ok(false),
@@ -315,11 +311,10 @@ impl Sender<'_> {
     /// Stop the guest, send what is left, wait for the destination.
     fn switch_over(
         &mut self,
-        ack: Option<MigrationStream>,
+        mut ack: Option<MigrationStream>,
         rounds: u32,
         started: Instant,
     ) -> Result<Summary, MigrationError> {
-        let mut ack = ack;
         self.sync_destination(ack.as_mut())?;
         let stop = Instant::now();
         self.vm.pause()?;
@@ -351,19 +346,27 @@ impl Sender<'_> {
         Ok(Summary { rounds, bytes, total_time: started.elapsed(), downtime })
     }
 
+    /// The pages of `b` dirtied since the last call (KVM's log and
+    /// `mark_dirty`), plus those a cut-short round left for later; the
+    /// time the dirty log took is added to `log_sync`.
+    fn take_dirty(&mut self, b: &RamBlock) -> Result<Vec<u64>, MigrationError> {
+        let t = Instant::now();
+        let mut bitmap = self.vm.get_and_clear_block_dirty(&b.name)?;
+        self.log_sync += t.elapsed();
+        if let Some(c) = self.carry.remove(&b.name) {
+            for (w, x) in bitmap.iter_mut().zip(c) {
+                *w |= x;
+            }
+        }
+        Ok(bitmap)
+    }
+
     /// Send the pages dirtied since the last call; returns how many.
     fn send_dirty(&mut self) -> Result<u64, MigrationError> {
         let mut count = 0;
         self.log_sync = Duration::ZERO;
         for b in self.blocks.clone() {
-            let t = Instant::now();
-            let mut bitmap = self.vm.get_and_clear_block_dirty(&b.name)?;
-            self.log_sync += t.elapsed();
-            if let Some(c) = self.carry.remove(&b.name) {
-                for (w, x) in bitmap.iter_mut().zip(c) {
-                    *w |= x;
-                }
-            }
+            let bitmap = self.take_dirty(&b)?;
             let mut pages = std::mem::take(&mut self.pages);
             pages.clear();
             dirty_pages(&bitmap, &mut pages);
@@ -454,12 +457,7 @@ impl Sender<'_> {
         // last moments is discarded while it is stopped.
         let mut early = Vec::new();
         for b in self.blocks.clone() {
-            let mut bitmap = self.vm.get_and_clear_block_dirty(&b.name)?;
-            if let Some(c) = self.carry.remove(&b.name) {
-                for (w, x) in bitmap.iter_mut().zip(c) {
-                    *w |= x;
-                }
-            }
+            let mut bitmap = self.take_dirty(&b)?;
             bitmap.resize((b.size / PAGE_SIZE as u64).div_ceil(64) as usize, 0);
             self.out.write_postcopy_pending(&b.name, &bitmap)?;
             early.push(bitmap);
@@ -473,7 +471,7 @@ impl Sender<'_> {
         }
         let mut pc_blocks = Vec::new();
         for (b, mut pending) in self.blocks.clone().into_iter().zip(early) {
-            let mut last = self.vm.get_and_clear_block_dirty(&b.name)?;
+            let mut last = self.take_dirty(&b)?;
             let pages = b.size / PAGE_SIZE as u64;
             last.resize(pending.len(), 0);
             self.out.write_postcopy_pending(&b.name, &last)?;
@@ -694,9 +692,7 @@ fn explain(e: MigrationError, ret: Option<MigrationStream>) -> MigrationError {
     }
     let mut line = String::new();
     match BufReader::new(ret).read_line(&mut line) {
-        Ok(_) if line.starts_with("error: ") => {
-            MigrationError::Refused(line["error: ".len()..].trim_end().to_owned())
-        }
+        Ok(_) if line.starts_with("error: ") => refused(line.trim_end()),
         _ => e,
     }
 }
@@ -713,9 +709,15 @@ fn wait_ack(stream: MigrationStream) -> Result<(), MigrationError> {
             ACK_OK => Ok(()),
             "" => Err(MigrationError::NoAck("the connection closed".into())),
             other if other.starts_with(SYNCED) => continue,
-            other => Err(MigrationError::Refused(other.strip_prefix("error: ").unwrap_or(other).to_owned())),
+            other => Err(refused(other)),
         };
     }
+}
+
+/// A line the destination sent instead of the expected one: its reason
+/// (`error: REASON`), or the line itself.
+fn refused(line: &str) -> MigrationError {
+    MigrationError::Refused(line.strip_prefix("error: ").unwrap_or(line).to_owned())
 }
 
 #[cfg(test)]
