@@ -9,8 +9,7 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader, Write},
-    os::unix::net::UnixStream,
+    io::{BufRead, BufReader},
     path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     sync::{mpsc, Arc, OnceLock},
@@ -22,12 +21,13 @@ use dmhost::{
         ged::{EVT_MEMORY, EVT_NVDIMM, GED_GSI, GED_PORT},
         AcpiConfig, AcpiHost,
     },
+    control_client::ControlClient,
     guest::{acpi_programs, asm::*, RegPreset, DSM_PAGE_GPA},
     loader::PluginRegistry,
     testing::kvm_or_skip,
     vm::vcpu::VmExit,
 };
-use serde_json::{json, Value};
+use serde_json::json;
 
 fn dmhost() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_dmhost"));
@@ -331,39 +331,6 @@ fn labels_and_pmem_persist_across_two_host_processes() {
     assert_eq!(wrong.status.code(), Some(30), "{}", text(&wrong));
 }
 
-struct Client {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Client {
-    fn connect(path: &Path) -> Self {
-        let start = Instant::now();
-        let s = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(_) if start.elapsed() < Duration::from_secs(10) => {
-                    std::thread::sleep(Duration::from_millis(25))
-                }
-                Err(e) => panic!("connect {}: {e}", path.display()),
-            }
-        };
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut c = Self { reader: BufReader::new(s.try_clone().unwrap()), writer: s };
-        assert!(c.line().get("QMP").is_some());
-        c
-    }
-    fn line(&mut self) -> Value {
-        let mut l = String::new();
-        self.reader.read_line(&mut l).unwrap();
-        serde_json::from_str(&l).unwrap_or_else(|e| panic!("reply {l:?}: {e}"))
-    }
-    fn cmd(&mut self, execute: &str, args: Value) -> Value {
-        writeln!(self.writer, "{}", json!({"execute": execute, "arguments": args})).unwrap();
-        self.line()
-    }
-}
-
 /// `dmhost run` of the `memory-hotplug` guest (config `extra` appended)
 /// with a control socket; its stdout lines arrive on the receiver.
 fn spawn_memory_hotplug_guest(
@@ -401,7 +368,7 @@ fn spawn_memory_hotplug_guest(
 struct HotplugRun {
     child: std::process::Child,
     rx: mpsc::Receiver<String>,
-    client: Client,
+    client: ControlClient,
     /// Guest-physical base of the DIMM.
     gpa: u64,
 }
@@ -411,9 +378,10 @@ impl HotplugRun {
         let (child, rx, sock) = spawn_memory_hotplug_guest(dir, extra);
         let first = rx.recv_timeout(Duration::from_secs(30)).expect("guest output");
         assert_eq!(first, "mhp: waiting for a DIMM");
-        let mut client = Client::connect(&sock);
-        let r = client.cmd("device_add", json!({"driver": "pc-dimm", "id": "hot0", "size": "4M"}));
-        let gpa = r["return"]["region"][0].as_u64().unwrap_or_else(|| panic!("{r}"));
+        let mut client = ControlClient::connect(&sock).unwrap();
+        let r =
+            client.execute("device_add", json!({"driver": "pc-dimm", "id": "hot0", "size": "4M"})).unwrap();
+        let gpa = r["region"][0].as_u64().unwrap_or_else(|| panic!("{r}"));
         let run = Self { child, rx, client, gpa };
         assert_eq!(run.next(), "mhp: GED events 0x0000000000000001");
         run
@@ -451,7 +419,7 @@ fn memory_hotplug_is_visible_through_the_acpi_registers() {
         format!("mhp: slot 0 status 0x0000000000000003 base 0x{:016x} size 0x0000000000400000", run.gpa)
     );
     assert_eq!(run.next(), "mhp: insert event cleared");
-    assert_eq!(run.client.cmd("device_del", json!({"id": "hot0"})), json!({"return": {}}));
+    assert_eq!(run.client.execute("device_del", json!({"id": "hot0"})).unwrap(), json!({}));
     run.finish_removed();
 }
 
